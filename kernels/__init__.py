@@ -1,0 +1,1 @@
+"""Custom kernels for stitching layers (installed as ``stitch_compile.kernels``)."""

@@ -1,0 +1,10 @@
+"""stitch-compile: a deployment compiler for stitchable neural networks (SN-Net family)."""
+
+from __future__ import annotations
+
+from .errors import StitchError
+from .model import StitchableNet, StitchConfig, StitchSpace, load
+
+__version__ = "0.1.0"
+
+__all__ = ["StitchError", "StitchableNet", "StitchConfig", "StitchSpace", "load", "__version__"]

@@ -1,0 +1,28 @@
+"""The PyTorch side: what a stitchable network is. Never imports export or runtime."""
+
+from __future__ import annotations
+
+from ..errors import StitchError
+from .checkpoint import read_state_dict
+from .families import build_network
+from .network import Segment, StitchableNet
+from .space import StitchConfig, StitchSpace, describe_route, pareto_frontier
+
+
+def load(path: str, anchors: list[str] | str | None = None, family: str | None = None) -> StitchableNet:
+    """Read an SN-Net-family checkpoint as the public training code saved it; eval mode, CPU.
+
+    ``anchors`` overrides detection with timm model names (``name`` or ``name:key=value:...``),
+    given as a list or as one comma-separated string.
+    """
+    state, _ = read_state_dict(path)
+    if isinstance(anchors, str):
+        anchors = [a for a in anchors.split(",") if a.strip()]
+    try:
+        return build_network(state, anchors, family)
+    except StitchError as exc:
+        raise StitchError(f"{path}: {exc}") from None
+
+
+__all__ = ["load", "read_state_dict", "build_network", "Segment", "StitchableNet", "StitchConfig",
+           "StitchSpace", "describe_route", "pareto_frontier"]

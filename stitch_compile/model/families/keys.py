@@ -1,0 +1,28 @@
+"""Splitting a flat state dict into the numbered groups SN-Net checkpoints use."""
+
+from __future__ import annotations
+
+import torch
+
+from ...errors import StitchError
+
+
+def group(state: dict[str, torch.Tensor], prefix: str) -> dict[int, dict[str, torch.Tensor]]:
+    """``{'anchors.1.x': t}`` -> ``{1: {'x': t}}`` for keys under ``prefix`` (e.g. 'anchors.')."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        index, _, rest = key[len(prefix):].partition(".")
+        if not index.isdigit():
+            raise StitchError(f"unexpected tensor {key}: expected {prefix}<number>.<name>")
+        out.setdefault(int(index), {})[rest] = value
+    return dict(sorted(out.items()))
+
+
+def check_known(state: dict[str, torch.Tensor], prefixes: tuple[str, ...], family: str) -> None:
+    """Every tensor must belong to a known part; name the first stray one."""
+    stray = [k for k in state if not k.startswith(prefixes)]
+    if stray:
+        raise StitchError(f"unexpected tensor {stray[0]} ({len(stray)} unexpected) in a {family} checkpoint; "
+                          f"expected only keys under {', '.join(prefixes)}")

@@ -1,0 +1,128 @@
+"""Stitching configurations: ids, routes, cost, and the Pareto frontier.
+
+A config's ``route`` is the ordered list of segment keys it runs (``stem:0``, ``block:0:3``,
+``stitch:0:1``, ``head:1`` ...). Everything downstream (forward, export, latency prediction) is a
+fold over routes, so a family only has to say which segments exist and which routes it allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
+
+from ..errors import StitchError
+
+
+@dataclass(frozen=True)
+class StitchConfig:
+    """One stitching configuration, with the reference code's id and enumeration fields."""
+
+    id: int
+    route: tuple[str, ...]
+    flops: int
+    params: int
+    anchors: tuple[int, ...]  # the public code's comb_id
+    positions: tuple[tuple[int, int], ...] = ()  # stitch_cfgs: (front block, back block) per stitch
+    layers: tuple[int, ...] = ()  # stitching layer ids (v2 ends with -1 = identity)
+    accuracy: float | None = None
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def is_anchor(self) -> bool:
+        return len(self.anchors) == 1
+
+    def to_json(self) -> dict:
+        out = {
+            "id": self.id,
+            "route": list(self.route),
+            "flops": self.flops,
+            "params": self.params,
+            "anchors": list(self.anchors),
+            "positions": [list(p) for p in self.positions],
+            "layers": list(self.layers),
+        }
+        out.update(self.extra)
+        if self.accuracy is not None:
+            out["accuracy"] = self.accuracy
+        return out
+
+
+def describe_route(route: Sequence[str]) -> str:
+    """Compact human form: runs of blocks collapse, e.g. ``A0[0-3] > L0.1 > A1[4-11] > H1``."""
+    parts: list[str] = []
+    run: list[int] | None = None  # [anchor, first, last]
+    for key in route:
+        kind, *ids = key.split(":")
+        if kind == "block":
+            anchor, index = int(ids[0]), int(ids[1])
+            if run and run[0] == anchor and run[2] + 1 == index:
+                run[2] = index
+                continue
+            if run:
+                parts.append(f"A{run[0]}[{run[1]}-{run[2]}]")
+            run = [anchor, index, index]
+            continue
+        if run:
+            parts.append(f"A{run[0]}[{run[1]}-{run[2]}]")
+            run = None
+        if kind == "stitch":
+            parts.append("L" + ".".join(ids))
+        elif kind.startswith("head"):
+            parts.append(("H" if kind == "head" else "h") + ids[0])
+    if run:
+        parts.append(f"A{run[0]}[{run[1]}-{run[2]}]")
+    return " > ".join(parts)
+
+
+class StitchSpace:
+    """The configs of one network, indexed by config id (ids need not be contiguous)."""
+
+    def __init__(self, configs: Sequence[StitchConfig]):
+        self._by_id = {c.id: c for c in configs}
+        if len(self._by_id) != len(configs):
+            raise ValueError("duplicate config ids")
+
+    def __getitem__(self, config_id: int) -> StitchConfig:
+        try:
+            return self._by_id[int(config_id)]
+        except (KeyError, ValueError, TypeError):
+            raise StitchError(f"unknown config id {config_id!r}: valid ids are {self.id_ranges()}") from None
+
+    def __contains__(self, config_id) -> bool:
+        return config_id in self._by_id
+
+    def __iter__(self) -> Iterator[StitchConfig]:
+        return iter(self._by_id.values())
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    @property
+    def ids(self) -> list[int]:
+        return list(self._by_id)
+
+    def id_ranges(self) -> str:
+        """'0-12, 14-134' style summary of the valid ids."""
+        ids = sorted(self._by_id)
+        spans, start = [], ids[0]
+        for prev, cur in zip(ids, ids[1:] + [None]):
+            if cur != prev + 1:
+                spans.append(f"{start}-{prev}" if prev != start else f"{start}")
+                start = cur
+        return ", ".join(spans)
+
+    def with_accuracy(self, accuracy: dict[int, float]) -> "StitchSpace":
+        return StitchSpace([replace(c, accuracy=accuracy.get(c.id, c.accuracy)) for c in self])
+
+
+def pareto_frontier(points: dict[int, tuple[float, float]]) -> list[int]:
+    """Ids on the frontier of (cost, value) points: no other point is cheaper-or-equal and better.
+
+    Returned in increasing cost. Used with (latency or FLOPs, accuracy or FLOPs).
+    """
+    frontier, best = [], float("-inf")
+    for cid, (cost, value) in sorted(points.items(), key=lambda kv: (kv[1][0], -kv[1][1])):
+        if value > best:
+            frontier.append(cid)
+            best = value
+    return frontier
