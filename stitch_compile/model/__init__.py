@@ -19,9 +19,11 @@ def load(path: str, anchors: list[str] | str | None = None, family: str | None =
     if isinstance(anchors, str):
         anchors = [a for a in anchors.split(",") if a.strip()]
     try:
-        return build_network(state, anchors, family)
+        net = build_network(state, anchors, family)
     except StitchError as exc:
         raise StitchError(f"{path}: {exc}") from None
+    net.source_path = str(path)  # export records its sha256 in the bundle
+    return net
 
 
 __all__ = ["load", "read_state_dict", "build_network", "Segment", "StitchableNet", "StitchConfig",

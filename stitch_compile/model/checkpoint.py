@@ -2,7 +2,11 @@
 
 Checkpoints are untrusted: they are read with ``torch.load(weights_only=True)`` and only
 ``argparse.Namespace`` (which the public training code stores under ``args``) is allow-listed, so
-a pickle that needs any other global is refused before its payload can run.
+a pickle that needs any other global is refused before its payload can run. The one exception is a
+training framework's config object saved beside the weights (SN-Net Swin stores a yacs
+``CfgNode`` under ``config``): such a file is re-read by a restricted unpickler that admits
+torch's own weights-only globals plus those config classes, rebuilt as plain dicts, never their
+code. Saving writes the same container the public code writes, atomically.
 """
 
 from __future__ import annotations
@@ -10,14 +14,57 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import types
+import uuid
+import warnings
 import zipfile
 
 import torch
+from torch import nn
 
 from ..errors import StitchError
 
 # Containers the public training code writes, most specific first (SNNET_FORMATS.md).
 CONTAINER_KEYS = ("model", "state_dict", "state_dict_ema")
+# Config classes of training frameworks found beside the weights; read as dicts of their items.
+FOREIGN_CONFIGS = ("yacs.config.CfgNode",)
+
+
+class ForeignConfig(dict):
+    """A foreign config object as data: its items (and attributes), none of its code."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits torch's weights-only globals, argparse.Namespace and FOREIGN_CONFIGS; nothing else."""
+
+    def find_class(self, module: str, name: str):
+        qualified = f"{module}.{name}"
+        if qualified in FOREIGN_CONFIGS:
+            return ForeignConfig
+        if qualified == "argparse.Namespace":
+            return argparse.Namespace
+        allowed = torch._weights_only_unpickler._get_allowed_globals()
+        if qualified in allowed:
+            return allowed[qualified]
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {qualified}")
+
+
+_RESTRICTED_PICKLE = types.SimpleNamespace(
+    __name__="stitch_compile.restricted_pickle", Unpickler=_RestrictedUnpickler,
+    load=lambda f, **kw: _RestrictedUnpickler(f, **kw).load())
+
+
+def _torch_load(path: str):
+    """torch.load, weights only; retried with the restricted unpickler for foreign config objects."""
+    # torch warns (multi-line, on stderr) about foreign pickle protocols; errors below say it once
+    with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if not any(name in str(exc) for name in FOREIGN_CONFIGS):
+                raise
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
 
 
 def _load_object(path: str):
@@ -26,8 +73,7 @@ def _load_object(path: str):
     if os.path.isdir(path):
         raise StitchError(f"{path}: is a folder; pass the checkpoint file itself")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(path)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
             raise StitchError(
@@ -35,7 +81,7 @@ def _load_object(path: str):
                 "only tensors, containers and argparse.Namespace are loaded"
             ) from None
         raise StitchError(f"{path}: not a torch checkpoint: torch.load cannot read it") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # junk bytes make torch's unpickler raise KeyError, IndexError, ... too
         if zipfile.is_zipfile(path) or _starts_with_zip_magic(path):
             raise StitchError(f"{path}: truncated or corrupt torch file ({_first_line(exc)}); re-copy or re-save it") from None
         raise StitchError(f"{path}: not a torch checkpoint (torch.load failed: {_first_line(exc)})") from None
@@ -84,3 +130,34 @@ def _strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     if all(k.startswith("module.") for k in state):
         return {k[len("module."):]: v for k, v in state.items()}
     return dict(state)
+
+
+def save_checkpoint(net_or_state: nn.Module | dict[str, torch.Tensor], path: str,
+                    args: argparse.Namespace | None = None) -> None:
+    """Write the public SN-Net container (``model``, ``optimizer``, ``epoch``, ``args``) to ``path``.
+
+    The file is written beside ``path`` and renamed over it, so a failed or interrupted save never
+    leaves a truncated checkpoint and never destroys the file already there.
+    """
+    state = net_or_state.state_dict() if isinstance(net_or_state, nn.Module) else net_or_state
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise StitchError(f"{path}: folder {folder} does not exist; create it first")
+    if os.path.isdir(path):
+        raise StitchError(f"{path}: is a folder; pass the checkpoint file name to write")
+    container = {
+        "model": {k: v.detach().cpu().contiguous() for k, v in state.items()},
+        "optimizer": {"state": {}, "param_groups": []},
+        "epoch": 0,
+        "args": args if args is not None else argparse.Namespace(),
+    }
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(container, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

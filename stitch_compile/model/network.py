@@ -37,6 +37,8 @@ class StitchableNet(nn.Module):
         self.anchors = anchors
         self.stitch_layers = stitch_layers
         self.segments = segments  # not registered: the same parameters, seen per segment
+        for segment in segments.values():
+            segment.module.eval()  # tracing restores a wrapper's mode onto the shared modules
         self.configs = configs
         self.anchor_names = anchor_names
         self.anchor_specs = anchor_specs

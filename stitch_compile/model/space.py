@@ -48,29 +48,37 @@ class StitchConfig:
 
 
 def describe_route(route: Sequence[str]) -> str:
-    """Compact human form: runs of blocks collapse, e.g. ``A0[0-3] > L0.1 > A1[4-11] > H1``."""
+    """Compact human form: runs of blocks collapse, e.g. ``A0[0-3] > L0.1 > A1[4-11] > H1``.
+
+    Staged anchors key blocks ``block:a:stage.i``; a run stays inside one stage: ``A0.s2[0-5]``.
+    """
     parts: list[str] = []
-    run: list[int] | None = None  # [anchor, first, last]
+    run: list | None = None  # [anchor, stage prefix, first, last]
+
+    def close():
+        parts.append(f"A{run[0]}{'.s' + run[1] if run[1] else ''}[{run[2]}-{run[3]}]")
+
     for key in route:
         kind, *ids = key.split(":")
         if kind == "block":
-            anchor, index = int(ids[0]), int(ids[1])
-            if run and run[0] == anchor and run[2] + 1 == index:
-                run[2] = index
+            stage, _, index = ids[1].rpartition(".")
+            anchor, index = int(ids[0]), int(index)
+            if run and run[:2] == [anchor, stage] and run[3] + 1 == index:
+                run[3] = index
                 continue
             if run:
-                parts.append(f"A{run[0]}[{run[1]}-{run[2]}]")
-            run = [anchor, index, index]
+                close()
+            run = [anchor, stage, index, index]
             continue
         if run:
-            parts.append(f"A{run[0]}[{run[1]}-{run[2]}]")
+            close()
             run = None
         if kind == "stitch":
             parts.append("L" + ".".join(ids))
         elif kind.startswith("head"):
             parts.append(("H" if kind == "head" else "h") + ids[0])
     if run:
-        parts.append(f"A{run[0]}[{run[1]}-{run[2]}]")
+        close()
     return " > ".join(parts)
 
 

@@ -10,9 +10,10 @@ import torch
 
 from ...errors import StitchError
 from ..network import StitchableNet
-from . import snnet_v1, snnet_v2
+from . import snnet_v1, snnet_v1_levit, snnet_v1_resnet, snnet_v1_resnet_swin, snnet_v1_swin, snnet_v2
 
-FAMILIES = (snnet_v2, snnet_v1)
+# snnet_v1 (ViT) accepts any anchors.0.*, so it comes last; the others recognise their anchors' keys.
+FAMILIES = (snnet_v2, snnet_v1_swin, snnet_v1_resnet_swin, snnet_v1_resnet, snnet_v1_levit, snnet_v1)
 
 
 def build_network(state: dict[str, torch.Tensor], anchors: list[str] | None = None,

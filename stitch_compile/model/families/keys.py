@@ -26,3 +26,13 @@ def check_known(state: dict[str, torch.Tensor], prefixes: tuple[str, ...], famil
     if stray:
         raise StitchError(f"unexpected tensor {stray[0]} ({len(stray)} unexpected) in a {family} checkpoint; "
                           f"expected only keys under {', '.join(prefixes)}")
+
+
+def anchor_ids(state: dict[str, torch.Tensor]) -> list[int]:
+    """Ids of every ``anchors.<id>.*`` group."""
+    return sorted({int(k.split(".")[1]) for k in state if k.startswith("anchors.") and k.split(".")[1].isdigit()})
+
+
+def anchors_with(state: dict[str, torch.Tensor], name: str) -> list[int]:
+    """Ids of the anchors holding ``anchors.<id>.<name>``: how a family recognises its anchors."""
+    return [a for a in anchor_ids(state) if f"anchors.{a}.{name}" in state]

@@ -22,14 +22,18 @@ from .vit_anchor import spec_dict, stitch_segment, token_params, tokens, vit_anc
 NAME = "snnet_v1_vit"
 
 
-def stitch_positions(depth: int, kernel: int = 2, stride: int = 1) -> tuple[list[tuple[int, int]], list[int], int]:
-    """(positions, stitching layer id of each position, number of stitching layers)."""
+def stitch_positions(depth: int, kernel: int = 2, stride: int = 1,
+                     forward_only: bool = False) -> tuple[list[tuple[int, int]], list[int], int]:
+    """(positions, stitching layer id of each position, number of stitching layers).
+
+    ``forward_only`` keeps only j < k, as the public Swin/ResNet/LeViT code does inside a stage.
+    """
     positions: list[tuple[int, int]] = []
     layer_of: list[int] = []
     layer = -1
     for start in range(0, depth, stride):
         window = range(start, min(start + kernel, depth))
-        new = [(j, k) for j in window for k in window if (j, k) not in positions]
+        new = [(j, k) for j in window for k in window if (j, k) not in positions and (j < k or not forward_only)]
         if new:
             layer += 1
             positions += new

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import timm
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from ...errors import StitchError
 from ..network import Segment
+from .stitching import stitch_segment as token_stitch_segment
 
 HEAD_DIM = 64  # DeiT / DeiT-3 heads are 64 wide; the head count is not stored in a checkpoint
 
@@ -103,8 +105,8 @@ def build_named(spec_text: str) -> nn.Module:
         raise StitchError(f"--anchors: unknown timm model {name!r}; see timm.list_models()")
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as exc:
-        raise StitchError(f"--anchors {spec_text!r}: {exc}") from None
+    except (TypeError, ValueError, AssertionError, ZeroDivisionError, RuntimeError) as exc:  # timm rejects the kwargs
+        raise StitchError(f"--anchors {spec_text!r}: {type(exc).__name__}: {exc}") from None
 
 
 def _parse_value(text: str):
@@ -116,19 +118,31 @@ def _parse_value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
-def load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load ``state`` strictly, with one clear line for the first missing/unexpected/mismatched tensor."""
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str,
+              public_name: Callable[[str], str] = str) -> None:
+    """Load ``state`` strictly, with one clear line for the first missing/unexpected/mismatched tensor.
+
+    ``state`` is keyed by the names the public code saved; ``public_name`` maps each of ``module``'s
+    keys to that name (identity for ViTs), so every message names the tensor as the checkpoint does.
+    Buffers timm recomputes (not in its state dict) but the public code saved must equal timm's.
+    """
     own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    names = {public_name(k): k for k in own}
+    recomputed = {public_name(n): b for n, b in module.named_buffers() if n not in own}
+    missing = [p for p in names if p not in state]
+    unexpected = [p for p in state if p not in names and p not in recomputed]
     if missing:
         raise StitchError(f"{where}: missing tensor {where}.{missing[0]} ({len(missing)} missing); wrong anchors or a truncated checkpoint")
     if unexpected:
         raise StitchError(f"{where}: unexpected tensor {where}.{unexpected[0]} ({len(unexpected)} unexpected); the anchors do not match this checkpoint")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise StitchError(f"{where}.{k}: shape mismatch: checkpoint {list(v.shape)} vs anchor {list(own[k].shape)}")
-    module.load_state_dict(state, strict=True)
+    for p, k in names.items():
+        if tuple(state[p].shape) != tuple(own[k].shape):
+            raise StitchError(f"{where}.{p}: shape mismatch: checkpoint {list(state[p].shape)} vs anchor {list(own[k].shape)}")
+    for p, buf in recomputed.items():
+        if p in state and (state[p].shape != buf.shape or not torch.equal(state[p].to(buf.dtype), buf)):
+            raise StitchError(f"{where}.{p}: differs from the value the anchor computes (checkpoint {list(state[p].shape)} "
+                              f"vs anchor {list(buf.shape)}); the anchor's window, resolution or layout does not match the checkpoint")
+    module.load_state_dict({k: state[p] for p, k in names.items()}, strict=True)
 
 
 def vit_anchor(state: dict[str, torch.Tensor], where: str, named: str | None = None) -> tuple[nn.Module, str]:
@@ -206,8 +220,7 @@ def token_params(vit: VisionTransformer) -> int:
 
 def stitch_segment(key: str, layer: nn.Module, n_tokens: int) -> Segment:
     """A Linear stitching layer (wrapped in ``.transform``) applied to every token."""
-    lin = layer.transform
-    return Segment(key, layer, (n_tokens, lin.in_features), n_tokens * lin.in_features * lin.out_features, _count(layer))
+    return token_stitch_segment(key, layer, (n_tokens, layer.transform.in_features))
 
 
 def spec_dict(vit: VisionTransformer) -> dict:
