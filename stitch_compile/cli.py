@@ -7,6 +7,7 @@ keeps the traceback). Nothing here holds logic the Python API lacks.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -46,6 +47,49 @@ def inspect(checkpoint: str, anchors: str | None, as_json: bool) -> None:
         click.echo(f"{c.id:>4}  {c.flops / 1e9:>8.3f}  {c.params / 1e6:>9.2f}  {describe_route(c.route)}")
 
 
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", "out", default=None, metavar="DIR", help="Bundle folder [default: CHECKPOINT's name + .bundle].")
+@click.option("--targets", default="onnx,ort", show_default=True, help="Comma-separated: onnx, ort, tensorrt, aoti, or 'all'.")
+@click.option("--configs", default="all", show_default=True, help="'all' or comma-separated config ids.")
+@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset of the graphs.")
+@anchors_option
+@quiet_option
+def export(checkpoint: str, out: str | None, targets: str, configs: str, opset: int, anchors: str | None, quiet: bool) -> None:
+    """Compile every config of CHECKPOINT into a bundle, weights stored once, parity-checked."""
+    from .export import export as export_bundle
+
+    net = load(checkpoint, anchors=anchors)
+    out = out or os.path.splitext(checkpoint)[0] + ".bundle"
+    bundle = export_bundle(net, out, targets=targets, configs=configs, opset=opset, quiet=quiet,
+                           report=lambda line: click.echo(line, err=True))
+    m = bundle.manifest
+    click.echo(f"{out}: {len(m['configs'])} configs, targets {', '.join(m['targets'])}, "
+               f"weights {m['weights']['unique_bytes'] / 1e6:.1f} MB stored once, bundle {_bundle_mb(m):.1f} MB")
+
+
+def _bundle_mb(manifest: dict) -> float:
+    return sum(f["bytes"] for f in manifest["files"].values()) / 1e6
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False),
+              help="Also re-run parity against this checkpoint on fresh random inputs.")
+@anchors_option
+@quiet_option
+def verify(bundle: str, checkpoint: str | None, anchors: str | None, quiet: bool) -> None:
+    """Re-check BUNDLE: schema, sha256 of every file, paths, and parity."""
+    from .export.verify import verify_bundle
+
+    net = load(checkpoint, anchors=anchors) if checkpoint else None
+    for line in verify_bundle(bundle, net, quiet=quiet):
+        click.echo(line)
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
@@ -58,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # usage errors (missing argument, a folder ...): one line too
+        click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(2)
 
 

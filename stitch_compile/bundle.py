@@ -1,0 +1,174 @@
+"""The bundle on disk: layout, manifest schema, integrity checks and atomic writes.
+
+A bundle is untrusted input: the manifest is validated against the JSON Schema shipped with the
+package, every path it names must stay inside the bundle, and every file's sha256 and size must
+match. Writes go to a temporary sibling folder renamed into place, so an interrupted export never
+leaves a half bundle that looks whole, and a failed one never touches the bundle already there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+
+import jsonschema
+
+from .errors import StitchError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+UNHASHED_DIRS = ("lut/",)  # added after export, per device; validated by their own readers
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _schema() -> dict:
+    return json.loads(resources.files("stitch_compile").joinpath("manifest.schema.json").read_text())
+
+
+def inside(root: str, rel: str) -> str:
+    """Absolute path of ``rel`` under ``root``; refuse any path that leaves the bundle."""
+    if os.path.isabs(rel) or "\\" in rel:
+        raise StitchError(f"{root}: manifest path {rel!r} is not a relative bundle path; the bundle is tampered")
+    real_root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(real_root, rel))
+    if os.path.commonpath([real_root, path]) != real_root:
+        raise StitchError(f"{root}: manifest path {rel!r} leaves the bundle; the bundle is tampered")
+    return path
+
+
+@dataclass
+class Bundle:
+    """A validated bundle folder and its manifest."""
+
+    root: str
+    manifest: dict
+
+    @property
+    def configs(self) -> dict[int, dict]:
+        return {c["id"]: c for c in self.manifest["configs"]}
+
+    def config(self, config_id) -> dict:
+        try:
+            return self.configs[int(config_id)]
+        except (KeyError, ValueError, TypeError):
+            ids = sorted(self.configs)
+            raise StitchError(f"{self.root}: unknown config id {config_id!r}; this bundle has {len(ids)} configs, ids {ids[0]}..{ids[-1]}") from None
+
+    def path(self, rel: str) -> str:
+        return inside(self.root, rel)
+
+    def graph(self, target: str, config_id: int) -> str:
+        targets = self.manifest["targets"]
+        if target not in targets:
+            raise StitchError(f"{self.root}: no {target!r} target in this bundle (has {', '.join(targets)}); re-export with --targets {target}")
+        self.config(config_id)
+        return self.path(targets[target]["graphs"][str(config_id)])
+
+    def lut_path(self, device_key: str) -> str:
+        return self.path(f"lut/{device_key}.json")
+
+
+def load_bundle(root: str, check_hashes: bool = False) -> Bundle:
+    """Read and validate ``root``; ``check_hashes`` re-hashes every file (``verify`` does)."""
+    manifest_path = os.path.join(root, MANIFEST)
+    if not os.path.isdir(root):
+        raise StitchError(f"{root}: no such bundle folder; create one with 'stitch-compile export CHECKPOINT --out {root}'")
+    if not os.path.isfile(manifest_path):
+        raise StitchError(f"{root}: not a bundle (no {MANIFEST}); create one with 'stitch-compile export'")
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StitchError(f"{manifest_path}: corrupt manifest ({exc}); re-export the bundle") from None
+    if isinstance(manifest, dict) and manifest.get("schema_version") not in (None, SCHEMA_VERSION):
+        raise StitchError(f"{manifest_path}: schema_version {manifest.get('schema_version')} is not supported "
+                          f"by this stitch-compile (reads {SCHEMA_VERSION}); re-export with this version")
+    try:
+        jsonschema.validate(manifest, _schema())
+    except jsonschema.ValidationError as exc:
+        where = "/".join(map(str, exc.absolute_path)) or "(top)"
+        raise StitchError(f"{manifest_path}: invalid manifest at {where}: {exc.message}") from None
+    bundle = Bundle(root, manifest)
+    referenced = set(manifest["files"])
+    for target in manifest["targets"].values():
+        referenced.update(target["graphs"].values())
+    referenced.update(seg["file"] for seg in manifest["segments"].values())
+    for rel in sorted(referenced):
+        path = bundle.path(rel)
+        if rel not in manifest["files"]:
+            raise StitchError(f"{root}: {rel} is used but not listed in the manifest's files; the bundle is tampered")
+        if not os.path.isfile(path):
+            raise StitchError(f"{root}: missing file {rel}; the bundle is incomplete, re-export it")
+        if os.path.getsize(path) != manifest["files"][rel]["bytes"]:
+            raise StitchError(f"{root}: {rel} has {os.path.getsize(path)} bytes, the manifest says "
+                              f"{manifest['files'][rel]['bytes']}; the bundle is tampered or truncated")
+    if check_hashes:
+        for rel, meta in sorted(manifest["files"].items()):
+            if sha256_file(bundle.path(rel)) != meta["sha256"]:
+                raise StitchError(f"{root}: {rel} does not match its sha256 in the manifest; the bundle is tampered or corrupt")
+    return bundle
+
+
+def list_files(root: str) -> dict[str, dict]:
+    """{relative path: {sha256, bytes}} for every file but the manifest and LUTs."""
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            rel = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+            if rel == MANIFEST or rel.startswith(UNHASHED_DIRS):
+                continue
+            path = os.path.join(root, rel)
+            files[rel] = {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+    return dict(sorted(files.items()))
+
+
+def write_json(path: str, obj) -> None:
+    """Write JSON atomically: a temporary file in the same folder, then rename over."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staging(out: str):
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` in two renames."""
+    out = os.path.abspath(out.rstrip("/\\"))
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(out) and not os.path.isfile(os.path.join(out, MANIFEST)) and os.listdir(out):
+        raise StitchError(f"{out}: exists and is not a bundle; choose an empty or new --out folder")
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+        os.replace(out, os.path.join(old, "bundle"))
+    os.replace(tmp, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,44 @@
+"""Which targets exist, and which this machine can build.
+
+``--targets all`` builds every target whose toolchain is present and reports each other one as
+skipped in one line; naming a target that cannot be built here is an error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from ..errors import StitchError
+
+KNOWN = ("onnx", "ort", "tensorrt", "aoti")
+
+
+def unavailable_reason(target: str) -> str | None:
+    """Why ``target`` cannot be built on this machine, or None when it can."""
+    if target in ("onnx", "ort"):
+        return None
+    if target == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None:
+            return "the tensorrt package is not installed"
+        import torch
+
+        return None if torch.cuda.is_available() else "no CUDA GPU is visible"
+    return "not built by this version of stitch-compile yet"
+
+
+def resolve(requested: str | list[str] | tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """(targets to build, {skipped target: reason}) for a ``--targets`` value."""
+    names = requested.split(",") if isinstance(requested, str) else list(requested)
+    names = [n.strip().lower() for n in names if n.strip()]
+    if names == ["all"]:
+        skipped = {t: r for t in KNOWN if (r := unavailable_reason(t))}
+        return [t for t in KNOWN if t not in skipped], skipped
+    for name in names:
+        if name not in KNOWN:
+            raise StitchError(f"unknown target {name!r}; choose from {', '.join(KNOWN)} or 'all'")
+        reason = unavailable_reason(name)
+        if reason:
+            raise StitchError(f"target {name} cannot be built here: {reason}")
+    if "ort" in names and "onnx" not in names:
+        names.insert(0, "onnx")  # the ort graphs are optimised from the onnx ones, over the same weights
+    return [t for t in KNOWN if t in names], {}

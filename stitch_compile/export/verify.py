@@ -1,0 +1,42 @@
+"""``verify``: re-check a bundle as untrusted input, and optionally its parity against PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..bundle import load_bundle, sha256_file
+from ..errors import StitchError
+from ..model.network import StitchableNet
+from .parity import FP32_REL_TOL, check_target, worst_rel
+
+
+def verify_bundle(root: str, net: StitchableNet | None = None, quiet: bool = True) -> list[str]:
+    """Lines describing what was checked; raises StitchError at the first problem."""
+    bundle = load_bundle(root, check_hashes=True)
+    m = bundle.manifest
+    lines = [f"{root}: schema v{m['schema_version']}, {len(m['files'])} files, sha256 and paths ok"]
+    if "parity.json" not in m["files"]:
+        raise StitchError(f"{root}: parity.json is missing from the manifest; re-export the bundle")
+    with open(bundle.path("parity.json"), encoding="utf-8") as f:
+        recorded = json.load(f)
+    ids = {str(c["id"]) for c in m["configs"]}
+    for name in m["targets"]:
+        entries = recorded.get("targets", {}).get(name, {})
+        if set(entries) != ids:
+            raise StitchError(f"{root}: parity.json does not cover every {name} config; the bundle is tampered")
+        worst = max(worst_rel(e) for e in entries.values())
+        if worst > FP32_REL_TOL:
+            raise StitchError(f"{root}: recorded {name} parity {worst:.2e} exceeds {FP32_REL_TOL:g}")
+        lines.append(f"{name}: {len(entries)} configs, recorded worst relative error {worst:.2e}")
+    if net is not None:
+        source = m["source"]["sha256"]
+        if source and getattr(net, "source_path", None) and sha256_file(net.source_path) != source:
+            raise StitchError(f"{root}: the checkpoint given is not the one this bundle was exported from (sha256 differs)")
+        rng = np.random.default_rng()
+        for name, target in m["targets"].items():
+            fresh = check_target(net, root, target["graphs"], rng, name, quiet)
+            lines.append(f"{name}: parity re-run on fresh inputs, worst relative error "
+                         f"{max(worst_rel(e) for e in fresh.values()):.2e}")
+    return lines

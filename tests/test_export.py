@@ -1,0 +1,253 @@
+"""Export: one graph per config over one weight store, parity-checked, atomic, verifiable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import stitch_compile as sc
+from stitch_compile import export as export_pkg
+from stitch_compile.bundle import load_bundle, sha256_file
+from stitch_compile.cli import main
+from stitch_compile.export import export
+from stitch_compile.export.weights import ALIGN
+
+SUBSET = [0, 1, 2, 3, 8, 36, 37, 52, 70]
+
+
+@pytest.fixture(scope="module")
+def v1_bundle(v1_net, tmp_path_factory):
+    """Anchors and stitched configs of both pairs (all 71: see the slow test), onnx target."""
+    out = tmp_path_factory.mktemp("export") / "bundle"
+    return export(v1_net, str(out), targets="onnx", configs=SUBSET)
+
+
+def run_cli(*args):
+    try:
+        main(list(map(str, args)))
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def external_refs(model: onnx.ModelProto):
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            yield t.name, {e.key: e.value for e in t.external_data}
+
+
+@pytest.mark.slow
+def test_all_71_configs_export_within_the_size_bound_with_parity(v1_net, tmp_path):
+    bundle = export(v1_net, str(tmp_path / "all"), targets="onnx,ort")
+    assert sorted(bundle.configs) == list(range(71))
+    assert_size_bound(bundle, skip=".ort.")
+    with open(bundle.path("parity.json")) as f:
+        parity = json.load(f)["targets"]
+    assert {t: set(v) for t, v in parity.items()} == {t: {str(i) for i in range(71)} for t in ("onnx", "ort")}
+
+
+def test_every_config_runs_in_a_plain_session_with_dynamic_batch(v1_net, v1_bundle):
+    assert sorted(v1_bundle.configs) == SUBSET
+    for cid in (0, 3, 37, 70):
+        session = ort.InferenceSession(v1_bundle.graph("onnx", cid), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["image"]
+        assert [o.name for o in session.get_outputs()] == ["logits"]
+        for batch in (1, 3):
+            x = np.random.default_rng().standard_normal((batch, 3, 32, 32), dtype=np.float32)
+            got = session.run(["logits"], {"image": x})[0]
+            with torch.no_grad():
+                ref = v1_net(torch.from_numpy(x), cid).numpy()
+            assert got.shape == (batch, 10)
+            assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_weights_are_stored_once_and_aligned(v1_ckpt, v1_bundle):
+    _, state = v1_ckpt
+    onnx_dir = os.path.join(v1_bundle.root, "onnx")
+    slots = set()
+    for name in os.listdir(onnx_dir):
+        if not name.endswith(".onnx"):
+            continue
+        model = onnx.load(os.path.join(onnx_dir, name), load_external_data=False)
+        assert not [t.name for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL
+                    and len(t.raw_data) > 64], f"{name} embeds weights"
+        for _, ref in external_refs(model):
+            assert ref["location"] == "weights.bin"
+            offset, length = int(ref["offset"]), int(ref["length"])
+            assert length < ALIGN or offset % ALIGN == 0
+            slots.add((offset, length))
+    ckpt_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    stored = sum(length for _, length in slots)
+    assert stored == v1_bundle.manifest["weights"]["unique_bytes"]
+    assert stored <= ckpt_bytes  # every checkpoint tensor at most once
+    intervals = sorted(slots)
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(intervals, intervals[1:])), "slots overlap"
+
+
+def assert_size_bound(bundle, skip: str = "\0") -> None:
+    """Graphs cost < 100 KB per config; the store pads only tensors of >= 64 KiB, to 64 KiB.
+
+    (The issue's 1.02 x unique bytes holds for DeiT-sized tensors: benchmarks/export.py prints
+    it. These test anchors are so narrow that alignment padding alone is ~2% of their store.)
+    """
+    manifest = bundle.manifest
+    files = {rel: meta["bytes"] for rel, meta in manifest["files"].items() if skip not in rel}
+    graphs = sum(size for rel, size in files.items() if rel.endswith(".onnx"))
+    assert graphs <= 100_000 * len(manifest["configs"])
+    large = sum(int(ref["length"]) >= ALIGN for seg in manifest["segments"].values()
+                for _, ref in external_refs(onnx.load(bundle.path(seg["file"]), load_external_data=False)))
+    assert files["onnx/weights.bin"] <= manifest["weights"]["unique_bytes"] + ALIGN * large
+
+
+def test_bundle_size_bound(v1_bundle):
+    assert_size_bound(v1_bundle)
+
+
+def test_each_unique_segment_traced_once(v1_net, tmp_path, monkeypatch):
+    traced = []
+    real = export_pkg.trace_segment
+    monkeypatch.setattr(export_pkg, "trace_segment", lambda seg, opset: traced.append(seg.key) or real(seg, opset))
+    bundle = export(v1_net, str(tmp_path / "b"), targets="onnx", configs=SUBSET)
+    wanted = {k for cid in SUBSET for k in v1_net.configs[cid].route}
+    assert sorted(traced) == sorted(wanted)
+    assert set(bundle.manifest["segments"]) == wanted
+
+
+def test_parity_recorded_for_every_config(v1_bundle):
+    with open(os.path.join(v1_bundle.root, "parity.json")) as f:
+        parity = json.load(f)
+    entries = parity["targets"]["onnx"]
+    assert set(entries) == {str(i) for i in SUBSET}
+    for entry in entries.values():
+        assert set(entry) == {"batch_1", "batch_4"}
+        assert all(0 <= v["max_rel"] <= 1e-4 for v in entry.values())
+
+
+def test_manifest_describes_configs(v1_net, v1_bundle, v1_ckpt):
+    m = v1_bundle.manifest
+    assert m["family"] == "snnet_v1_vit" and len(m["anchors"]) == 3
+    for c in m["configs"]:
+        assert c["route"] == list(v1_net.configs[c["id"]].route)
+        assert c["flops"] == v1_net.configs[c["id"]].flops
+    assert m["source"]["sha256"] == sha256_file(v1_ckpt[0])
+
+
+def test_ort_target_shares_the_weight_store(v1_net, tmp_path):
+    bundle = export(v1_net, str(tmp_path / "b"), targets="onnx,ort", configs=SUBSET)
+    ort_target = bundle.manifest["targets"]["ort"]
+    assert set(ort_target["graphs"]) == {str(c) for c in SUBSET}
+    derived = ort_target["derived_bytes"]
+    assert derived <= 0.05 * bundle.manifest["weights"]["unique_bytes"], "optimiser copied weights per config"
+    for rel in ort_target["graphs"].values():
+        model = onnx.load(bundle.path(rel), load_external_data=False)
+        assert {ref["location"] for _, ref in external_refs(model)} <= {"weights.bin", "weights.ort.bin"}
+    with open(bundle.path("parity.json")) as f:
+        assert set(json.load(f)["targets"]) == {"onnx", "ort"}
+
+
+def test_v2_lora_configs_export_with_parity(v2_ckpt, tmp_path):
+    net = sc.load(v2_ckpt[0])
+    bundle = export(net, str(tmp_path / "b"), targets="onnx", configs=[0, 1, 2, 14, 25, 80, 134])
+    assert len(bundle.manifest["configs"]) == 7
+
+
+def test_rerun_reuses_an_up_to_date_bundle(v1_ckpt, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert run_cli("export", v1_ckpt[0], "--out", out, "--configs", "0,3", "--targets", "onnx", "--quiet") == 0
+    stamp = os.path.getmtime(out / "onnx" / "weights.bin")
+    assert run_cli("export", v1_ckpt[0], "--out", out, "--configs", "0,3", "--targets", "onnx", "--quiet") == 0
+    assert "up to date" in capsys.readouterr().err
+    assert os.path.getmtime(out / "onnx" / "weights.bin") == stamp
+
+
+def test_failed_export_keeps_the_existing_bundle(v1_ckpt, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert run_cli("export", v1_ckpt[0], "--out", out, "--configs", "0", "--targets", "onnx", "--quiet") == 0
+    before = (out / "manifest.json").read_bytes()
+    assert run_cli("export", v1_ckpt[0], "--out", out, "--configs", "0,999", "--quiet") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "999" in err[0]
+    assert (out / "manifest.json").read_bytes() == before
+    assert [p for p in os.listdir(tmp_path) if "partial" in p] == []
+
+
+def test_interrupted_export_never_leaves_a_bundle_that_looks_whole(v1_ckpt, tmp_path):
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "stitch_compile.cli", "export", str(v1_ckpt[0]),
+                             "--out", str(out), "--quiet"], stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=8)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    assert not out.exists() or load_bundle(str(out), check_hashes=True)
+
+
+def test_targets_all_skips_missing_toolchains_and_explicit_ones_fail(v1_ckpt, tmp_path, capsys):
+    assert run_cli("export", v1_ckpt[0], "--out", tmp_path / "a", "--configs", "0", "--targets", "all", "--quiet") == 0
+    err = capsys.readouterr().err
+    assert "aoti: skipped" in err
+    assert run_cli("export", v1_ckpt[0], "--out", tmp_path / "t", "--configs", "0", "--targets", "aoti", "--quiet") == 2
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.fixture
+def copied_bundle(v1_bundle, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(v1_bundle.root, dst)
+    return dst
+
+
+def test_verify_passes_and_reruns_parity(copied_bundle, v1_ckpt, capsys):
+    assert run_cli("verify", copied_bundle, "--checkpoint", v1_ckpt[0], "--quiet") == 0
+    assert "fresh inputs" in capsys.readouterr().out
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "Traceback" not in err[0]
+    return err[0]
+
+
+def test_verify_catches_a_tampered_graph(copied_bundle, capsys):
+    path = copied_bundle / "onnx" / "config_8.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert run_cli("verify", copied_bundle) == 2
+    assert "config_8.onnx" in _one_error_line(capsys)
+
+
+def test_verify_refuses_paths_leaving_the_bundle(copied_bundle, capsys):
+    manifest = json.loads((copied_bundle / "manifest.json").read_text())
+    manifest["targets"]["onnx"]["graphs"]["0"] = "../outside.onnx"
+    (copied_bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("verify", copied_bundle) == 2
+    assert "leaves the bundle" in _one_error_line(capsys)
+
+
+def test_verify_reports_missing_files_and_corrupt_manifest(copied_bundle, capsys):
+    os.unlink(copied_bundle / "onnx" / "config_37.onnx")
+    assert run_cli("verify", copied_bundle) == 2
+    assert "config_37.onnx" in _one_error_line(capsys)
+    (copied_bundle / "manifest.json").write_text("{not json")
+    assert run_cli("verify", copied_bundle) == 2
+    assert "corrupt manifest" in _one_error_line(capsys)
+
+
+def test_verify_rejects_a_foreign_checkpoint(copied_bundle, tmp_path, capsys):
+    from snnet_reference import write_v1
+
+    other = tmp_path / "other.pth"
+    write_v1(other, seed=1)
+    assert run_cli("verify", copied_bundle, "--checkpoint", other) == 2
+    assert "sha256 differs" in _one_error_line(capsys)
