@@ -1,0 +1,172 @@
+"""Fused stitching kernel vs eager ``F.linear`` + ``F.layer_norm`` vs ``torch.compile`` of the same.
+
+Shapes are the stitching layers of the DeiT (SN-Net v1) and DeiT-3 (SN-Netv2) SN-Nets, 197 tokens.
+Each time is the median over ``--repeats`` single calls bracketed by CUDA events, after warm-up,
+with L2 flushed before every call. Bandwidth is the fused op's minimal traffic (read x, W and the
+vectors; write ``out`` and ``normed``) over the time, shown against a device-to-device copy
+measured in the same run. Ratios above 1 mean the fused kernel is faster.
+
+Goal (issue 6), at batch 64: fused >= 1.2x eager and >= 1.0x torch.compile.
+
+    python benchmarks/kernels.py --check            # verify on the GPU, then time
+    python benchmarks/kernels.py --sweep --batch 64 # also time every row tile (tunes stitch_ln.tiling)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-6
+TOKENS = 197
+SHAPES = [(192, 384), (384, 768), (384, 1024), (1024, 384)]  # (Ca, Cb): Ti->S, S->B, S->L, L->S
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # as tests/test_kernels.py
+GOAL_EAGER, GOAL_COMPILE, GOAL_BATCH = 1.2, 1.0, 64
+FLUSH_BYTES = 256 << 20  # larger than any current L2
+COPY_BYTES = 1 << 30
+
+
+def unfused(x, weight, bias, ln_weight, ln_bias):
+    out = F.linear(x, weight, bias)
+    return out, F.layer_norm(out, (weight.shape[0],), ln_weight, ln_bias, EPS)
+
+
+class Timer:
+    """Median device time of one call, in ms; L2 flushed before each call so nothing stays cached."""
+
+    def __init__(self, warmup: int, repeats: int):
+        self.warmup, self.repeats = warmup, repeats
+        self.flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+
+    def __call__(self, fn) -> float:
+        for _ in range(self.warmup):
+            fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(self.repeats)]
+        for start, end in events:
+            self.flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def copy_bandwidth(timer: Timer) -> float:
+    """GB/s of a device-to-device copy (bytes read + bytes written)."""
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * COPY_BYTES / timer(lambda: dst.copy_(src)) / 1e6
+
+
+def make_inputs(batch: int, ca: int, cb: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, device="cuda") * scale + shift).to(dtype)
+
+    return [rnd(batch, TOKENS, ca, shift=0.3), rnd(cb, ca, scale=ca ** -0.5), rnd(cb, scale=0.1),
+            rnd(cb, scale=0.1, shift=1.0), rnd(cb, scale=0.1)]
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def check(cases, fused) -> bool:
+    """Fused and eager outputs against a float64 reference of the same inputs, on the GPU."""
+    ok = True
+    for batch, ca, cb, dtype in cases:
+        inputs = make_inputs(batch, ca, cb, dtype)
+        want = unfused(*(t.double() for t in inputs))
+        errors = {name: [rel_err(g, w) for g, w in zip(fn(*inputs), want)]
+                  for name, fn in (("fused", fused), ("eager", unfused))}
+        good = max(errors["fused"]) < TOLERANCE[dtype]
+        ok &= good
+        print(f"check {NAMES[dtype]} batch {batch:3} {ca:4}->{cb:<4}  rel err out/normed: "
+              f"fused {errors['fused'][0]:.1e}/{errors['fused'][1]:.1e}  "
+              f"eager {errors['eager'][0]:.1e}/{errors['eager'][1]:.1e}  {'ok' if good else 'FAIL'}")
+    return ok
+
+
+def traffic_bytes(batch: int, ca: int, cb: int, dtype: torch.dtype) -> int:
+    m = batch * TOKENS
+    return dtype.itemsize * (m * ca + cb * ca + 3 * cb + 2 * m * cb)
+
+
+def sweep(timer: Timer, inputs: list[torch.Tensor]) -> str:
+    """Time the kernel at every row tile that fits the register budget; '*' marks the default."""
+    from stitch_compile.kernels import stitch_ln
+
+    x, weight = inputs[0].reshape(-1, inputs[0].shape[-1]), inputs[1]
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device="cuda")
+    normed = torch.empty_like(out)
+    default = stitch_ln.tiling(*weight.shape[::-1], x.dtype).block_m
+    parts = []
+    for block_m in (16, 32, 64, 128):
+        if block_m * stitch_ln.tiling(*weight.shape[::-1], x.dtype, block_m).block_n > 2 * stitch_ln.ACC_BUDGET:
+            continue
+        ms = timer(lambda: stitch_ln.launch(x, weight, *inputs[2:], EPS, out, normed, block_m=block_m))
+        parts.append(f"{block_m}{'*' if block_m == default else ''}:{ms * 1e3:.1f}us")
+    return "  block_m " + " ".join(parts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the baseline")
+    parser.add_argument("--check", action="store_true", help="verify correctness on the GPU first; exit 1 on failure")
+    parser.add_argument("--sweep", action="store_true", help="also time each row tile of the fused kernel")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py: no CUDA device (torch.cuda.is_available() is False); run it on a machine with an NVIDIA GPU",
+              file=sys.stderr)
+        return 2
+
+    from stitch_compile.kernels import stitch_linear_ln
+
+    def fused(*inputs):
+        return stitch_linear_ln(*inputs, EPS)
+
+    cases = [(b, ca, cb, DTYPES[d]) for d in args.dtype for b in args.batch for ca, cb in SHAPES]
+    if args.check and not check(cases, fused):
+        print("check FAILED: not timing a wrong kernel", file=sys.stderr)
+        return 1
+
+    timer = Timer(args.warmup, args.repeats)
+    copy = copy_bandwidth(timer)
+    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"copy bandwidth {copy:.0f} GB/s  tokens {TOKENS}  median of {args.repeats}")
+    print(f"{'dtype':5} {'batch':>5} {'Ca->Cb':>10} {'eager us':>9} {'compile us':>10} {'fused us':>9} "
+          f"{'eager/fused':>11} {'compile/fused':>13} {'fused GB/s':>10} {'of copy':>7}")
+    goal = []
+    for batch, ca, cb, dtype in cases:
+        inputs = make_inputs(batch, ca, cb, dtype)
+        torch._dynamo.reset()  # a fresh, static-shape compile per case (no recompile limit, no dynamic shapes)
+        compiled = torch.compile(unfused, dynamic=False, mode=args.compile_mode)
+        t_eager = timer(lambda: unfused(*inputs))
+        t_compile = timer(lambda: compiled(*inputs))
+        t_fused = timer(lambda: fused(*inputs))
+        gbs = traffic_bytes(batch, ca, cb, dtype) / t_fused / 1e6
+        line = (f"{NAMES[dtype]:5} {batch:5} {f'{ca}->{cb}':>10} {t_eager * 1e3:9.1f} {t_compile * 1e3:10.1f} "
+                f"{t_fused * 1e3:9.1f} {t_eager / t_fused:11.2f} {t_compile / t_fused:13.2f} {gbs:10.0f} {gbs / copy:7.0%}")
+        print(line + (sweep(timer, inputs) if args.sweep else ""), flush=True)
+        if batch == GOAL_BATCH:
+            goal.append((t_eager / t_fused, t_compile / t_fused))
+    if goal:
+        worst_eager, worst_compile = min(g[0] for g in goal), min(g[1] for g in goal)
+        met = worst_eager >= GOAL_EAGER and worst_compile >= GOAL_COMPILE
+        print(f"goal at batch {GOAL_BATCH}: worst eager/fused {worst_eager:.2f} (want >= {GOAL_EAGER}), "
+              f"worst compile/fused {worst_compile:.2f} (want >= {GOAL_COMPILE}): {'MET' if met else 'NOT MET'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""The fused stitching kernel (through Triton's CPU interpreter), its custom op, and fused_forward.
+
+Triton 3.8 builds its interpreter into ``@triton.jit`` itself: TRITON_INTERPRET must be set before
+``triton.language`` is imported (its own ``tl.zeros``, ``tl.sum`` are jit functions too), and then
+holds for the whole process. So the ``test_interp_*`` tests run in a child pytest with
+TRITON_INTERPRET=1 (``test_triton_interpreter`` starts it), and this process keeps compiled Triton
+for the CUDA tests at the end (they skip without a GPU). ``TRITON_INTERPRET=1 pytest -k
+test_interp_ tests/test_kernels.py`` runs them directly.
+
+Inputs are fresh random numbers every run; the seed is printed and stored as a test property,
+and ``STITCH_TEST_SEED=<seed>`` replays a run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import stitch_compile
+from snnet_reference import write_v1, write_v2
+from stitch_compile.errors import StitchError
+from stitch_compile.kernels import FusedStitch, StitchedBlock, fuse, fused_forward, stitch_linear_ln
+
+EPS = 1e-6
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative, Frobenius
+DTYPES = list(TOLERANCE)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child of test_triton_interpreter")
+cuda = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def run_interpreted_child(request, markexpr: str) -> None:
+    """Run the ``test_interp_*`` tests selected by ``markexpr`` in a TRITON_INTERPRET=1 pytest."""
+    if INTERPRETED:
+        pytest.skip("already inside the interpreter child")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", __file__, "-k", "test_interp_", "-m", markexpr]
+    done = subprocess.run(cmd, env=env, cwd=request.config.rootpath, capture_output=True, text=True, timeout=900)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    assert done.returncode == 0 and "skipped" not in summary, \
+        f"interpreter tests failed or skipped:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
+
+
+def test_triton_interpreter(request):
+    run_interpreted_child(request, "not slow")
+
+
+@pytest.mark.slow
+def test_triton_interpreter_slow(request):
+    run_interpreted_child(request, "slow")
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    seed = int(os.environ.get("STITCH_TEST_SEED") or secrets.randbits(31))
+    print(f"seed {seed} (replay: STITCH_TEST_SEED={seed})")
+    request.node.user_properties.append(("seed", seed))
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The kernel module, its kernel run by Triton's interpreter on CPU tensors."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from stitch_compile.kernels import stitch_ln
+
+    assert isinstance(stitch_ln._stitch_ln_kernel, InterpretedFunction)
+    return stitch_ln
+
+
+@pytest.fixture
+def bf16_dot(monkeypatch):
+    """Triton's interpreter multiplies bf16 *bit patterns* in ``tl.dot`` and upstream does not
+    support bf16 there (triton-lang/triton#11584). Widen bf16 operands exactly to fp32 inside
+    the interpreter's dot; every other bf16 step of the kernel (loads, casts, stores) runs as is."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def widen(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, *args):
+        return original(self, widen(a), widen(b), d, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+def make_inputs(gen, m: int, ca: int, cb: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Random inputs in ``dtype`` at the scales of a trained stitching layer and LayerNorm."""
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(dtype)
+
+    return {"x": rnd(m, ca, shift=0.3), "weight": rnd(cb, ca, scale=ca ** -0.5), "bias": rnd(cb, scale=0.1),
+            "ln_weight": rnd(cb, scale=0.1, shift=1.0), "ln_bias": rnd(cb, scale=0.1)}
+
+
+def reference(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``(out, LayerNorm(out))`` of the same (already rounded) inputs."""
+    d = {k: v.double() for k, v in t.items()}
+    out = F.linear(d["x"], d["weight"], d["bias"])
+    return out, F.layer_norm(out, out.shape[-1:], d["ln_weight"], d["ln_bias"], EPS)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def run_poisoned(kernel, t: dict[str, torch.Tensor], guard: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch into NaN-poisoned buffers with ``guard`` extra rows that must stay NaN."""
+    m, cb = t["x"].shape[0], t["weight"].shape[0]
+    bufs = [torch.full((m + guard, cb), float("nan"), dtype=t["x"].dtype, device=t["x"].device) for _ in range(2)]
+    kernel.launch(t["x"], t["weight"], t["bias"], t["ln_weight"], t["ln_bias"], EPS, bufs[0][:m], bufs[1][:m])
+    for buf in bufs:
+        assert buf[m:].isnan().all(), "kernel wrote past the last row"
+    return bufs[0][:m], bufs[1][:m]
+
+
+def check_kernel(kernel, gen, m, ca, cb, dtype, device="cpu", layout=lambda t: t):
+    t = layout({k: v.to(device) for k, v in make_inputs(gen, m, ca, cb, dtype).items()})
+    out, normed = run_poisoned(kernel, t)
+    want_out, want_normed = reference(t)
+    assert not out.isnan().any() and not normed.isnan().any(), "some output element was never written"
+    assert rel_err(out, want_out) < TOLERANCE[dtype]
+    assert rel_err(normed, want_normed) < TOLERANCE[dtype]
+
+
+# Odd shapes: rows not a multiple of the tile, Cb not a power of two, Ca not a multiple of BLOCK_K,
+# Cb below tl.dot's minimum tile side of 16.
+SMALL_SHAPES = [(17, 40, 72), (197, 64, 128), (33, 24, 8)]
+FAMILY_SHAPES = [(192, 384), (384, 768), (384, 1024), (1024, 384)]  # (Ca, Cb) of the DeiT / DeiT-3 SN-Nets
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,ca,cb", SMALL_SHAPES)
+@interpreted
+def test_interp_matches_float64(kernel, gen, bf16_dot, m, ca, cb, dtype):
+    check_kernel(kernel, gen, m, ca, cb, dtype)
+
+
+@interpreted
+def test_interp_strided_inputs(kernel, gen):
+    """A column slice of x and a transposed view of W are read through their strides."""
+    def layout(t):
+        t["x"] = torch.cat([t["x"], t["x"]], dim=1)[:, 3:3 + t["x"].shape[1]]
+        t["weight"] = t["weight"].t().contiguous().t()
+        return t
+
+    check_kernel(kernel, gen, 29, 40, 72, torch.float32, layout=layout)
+
+
+@interpreted
+def test_interp_empty_input(kernel):
+    t = make_inputs(torch.Generator().manual_seed(0), 0, 40, 72, torch.float32)
+    out, normed = run_poisoned(kernel, t, guard=3)
+    assert out.shape == normed.shape == (0, 72)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ca,cb", FAMILY_SHAPES)
+@interpreted
+def test_interp_family_shapes(kernel, gen, bf16_dot, ca, cb, dtype):
+    check_kernel(kernel, gen, 197, ca, cb, dtype)
+
+
+def test_tiling_covers_whole_rows():
+    from stitch_compile.kernels.stitch_ln import tiling
+
+    for ca, cb in [(40, 72), (192, 384), (384, 768), (384, 1024), (1024, 384), (24, 8)]:
+        for dtype in DTYPES:
+            t = tiling(ca, cb, dtype)
+            assert t.block_n >= max(cb, 16) and t.block_m >= 16 and 16 <= t.block_k <= 64
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="compiles the real kernel")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_compiles_for_gpus_without_spills(arch, tmp_path):
+    """No GPU needed: Triton compiles for an A100 / H100 target and cuobjdump reports the cubin's
+    register spills (STACK) and shared memory, the first things that would break on a real card."""
+    import re
+
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from stitch_compile.kernels.stitch_ln import _stitch_ln_kernel, tiling
+
+    for dtype in DTYPES:
+        for ca, cb in FAMILY_SHAPES:
+            t = tiling(ca, cb, dtype)
+            constexprs = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
+                          "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+            pointer = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+            signature = {name: "constexpr" if name in constexprs else pointer if name.endswith("_ptr")
+                         else "fp32" if name == "eps" else "i32" for name in _stitch_ln_kernel.arg_names}
+            # what a launch with contiguous, 16-byte aligned tensors specialises on
+            aligned = {n for n in signature if n.endswith("_ptr")} | {"CA", "CB", "stride_xm", "stride_wn"}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(signature) if n in aligned}
+            compiled = triton.compile(ASTSource(_stitch_ln_kernel, signature, constexprs, attrs),
+                                      target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": t.num_warps, "num_stages": t.num_stages})
+            cubin = tmp_path / "stitch_ln.cubin"
+            cubin.write_bytes(compiled.asm["cubin"])
+            usage = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", str(cubin)],
+                                   capture_output=True, text=True, check=True).stdout
+            where = f"sm_{arch} {dtype} {ca}->{cb} {t}"
+            assert int(re.search(r"STACK:(\d+)", usage).group(1)) == 0, f"{where} spills registers: {usage}"
+            assert compiled.metadata.shared <= 100 * 1024, f"{where} needs {compiled.metadata.shared} B of shared memory"
+
+
+# ---- the custom op ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_op_cpu_reference(gen, dtype):
+    t = make_inputs(gen, 2 * 17, 40, 72, dtype)
+    t["x"] = t["x"].view(2, 17, 40)
+    out, normed = stitch_linear_ln(*t.values(), EPS)
+    want_out, want_normed = reference(t)
+    assert out.shape == normed.shape == (2, 17, 72) and out.dtype == normed.dtype == dtype
+    assert rel_err(out, want_out) < TOLERANCE[dtype]
+    assert rel_err(normed, want_normed) < TOLERANCE[dtype]
+
+
+def test_op_fake_impl():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t = make_inputs(torch.Generator().manual_seed(0), 6, 40, 72, torch.float16)
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) for k, v in t.items()}
+        fake["x"] = fake["x"].view(2, 3, 40)
+        out, normed = torch.ops.stitch_compile.stitch_linear_ln(*fake.values(), EPS)
+    assert out.shape == normed.shape == (2, 3, 72) and out.dtype == normed.dtype == torch.float16
+
+
+def test_op_exports(gen):
+    module = FusedStitch(nn.Linear(40, 72), nn.LayerNorm(72, eps=EPS))
+    x = torch.randn(2, 17, 40, generator=gen)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(module, (x,), dynamic_shapes=({0: batch},))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert torch.ops.stitch_compile.stitch_linear_ln.default in targets
+    x3 = torch.randn(3, 17, 40, generator=gen)
+    for got, want in zip(program.module()(x3), module(x3)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t.update(x=t["x"].long()), "x is torch.int64"),
+    (lambda t: t.update(bias=t["bias"].half()), "bias is torch.float16 but x is torch.float32"),
+    (lambda t: t.update(x=t["x"][:, :39]), "expects a last dimension of 40"),
+    (lambda t: t.update(weight=t["weight"][None]), "weight must be [Cb, Ca]"),
+    (lambda t: t.update(ln_bias=t["ln_bias"][:-1]), "ln_bias has shape [71]; expected [72]"),
+    (lambda t: t.update(ln_weight=t["ln_weight"].to("meta")), "ln_weight is on meta but x is on cpu"),
+])
+def test_op_rejects_bad_input(change, message):
+    t = make_inputs(torch.Generator().manual_seed(0), 4, 40, 72, torch.float32)
+    change(t)
+    with pytest.raises(StitchError, match=r"^stitch_linear_ln: .*" + message.replace("[", r"\[").replace("]", r"\]")):
+        stitch_linear_ln(*t.values(), EPS)
+
+
+def test_fused_stitch_rejects_mismatched_norm():
+    with pytest.raises(StitchError, match="does not match the Linear's 72 outputs"):
+        FusedStitch(nn.Linear(40, 72), nn.LayerNorm(64))
+
+
+# ---- fused_forward on StitchableNets --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    """A small SN-Net v1 (3 anchors, depth 4) and SN-Netv2 (depths 4/8: LoRA, LayerScale, two stitches)."""
+    root = tmp_path_factory.mktemp("kernels")
+    write_v1(root / "v1.pth", widths=(64, 128, 192), depth=4)
+    write_v2(root / "v2.pth", widths=(64, 128), depths=(4, 8))
+    return [stitch_compile.load(str(root / "v1.pth")), stitch_compile.load(str(root / "v2.pth"))]
+
+
+def fusable_pairs(route) -> int:
+    return sum(a.startswith("stitch:") and b.startswith("block:") for a, b in zip(route, route[1:]))
+
+
+def sample_configs(net, gen, n: int = 6) -> list:
+    """Anchor 0 and ``n`` stitched configs drawn with the test's seed (2 CPU cores: not all of them)."""
+    stitched = [c for c in net.configs if not c.is_anchor]
+    return [net.configs[0]] + [stitched[i] for i in torch.randperm(len(stitched), generator=gen)[:n].tolist()]
+
+
+def test_fused_forward_equals_net(nets, gen):
+    for net in nets:
+        x = torch.randn(2, *net.input_shape, generator=gen)
+        for config in sample_configs(net, gen):
+            with torch.no_grad():
+                got, want = fused_forward(net, x, config), net(x, config)
+            torch.testing.assert_close(got, want, msg=lambda m: f"{net.family} config {config.id}: {m}")
+            fused = sum(isinstance(step, StitchedBlock) for step in fuse(net, config))
+            assert fused == fusable_pairs(config.route) and (fused > 0) != config.is_anchor
+
+
+def test_fused_route_exports(nets):
+    net = nets[1]
+    config = max(net.configs, key=lambda c: fusable_pairs(c.route))
+    x = torch.randn(1, *net.input_shape)
+    program = torch.export.export(fuse(net, config), (x,))
+    calls = [n for n in program.graph.nodes if n.target is torch.ops.stitch_compile.stitch_linear_ln.default]
+    assert len(calls) == fusable_pairs(config.route) == 2
+
+
+# ---- on a GPU: the compiled Triton kernel itself --------------------------------------------------
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,ca,cb", SMALL_SHAPES + [(8 * 197, ca, cb) for ca, cb in FAMILY_SHAPES])
+def test_cuda_kernel_matches_float64(gen, m, ca, cb, dtype):
+    from stitch_compile.kernels import stitch_ln
+
+    check_kernel(stitch_ln, gen, m, ca, cb, dtype, device="cuda")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_op_matches_float64(gen, dtype):
+    t = {k: v.cuda() for k, v in make_inputs(gen, 2 * 197, 384, 768, dtype).items()}
+    t["x"] = t["x"].view(2, 197, 384)
+    out, normed = stitch_linear_ln(*t.values(), EPS)
+    want_out, want_normed = reference(t)
+    assert out.shape == normed.shape == (2, 197, 768)
+    assert rel_err(out, want_out) < TOLERANCE[dtype]
+    assert rel_err(normed, want_normed) < TOLERANCE[dtype]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_fused_forward_equals_net(nets, gen, dtype):
+    for net in nets:
+        net = copy.deepcopy(net).to("cuda", dtype)  # segments follow: deepcopy keeps shared modules shared
+        x = torch.randn(2, *net.input_shape, generator=gen).to("cuda", dtype)
+        for config in net.configs:
+            with torch.no_grad():
+                got, want = fused_forward(net, x, config), net(x, config)
+            assert rel_err(got, want.double()) < 10 * TOLERANCE[dtype], f"{net.family} config {config.id}"
