@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from .errors import StitchError
-from .model import StitchableNet, StitchConfig, StitchSpace, load
-from .model.checkpoint import save_checkpoint
-from .model.lsinit import stitch
-
 __version__ = "0.1.0"
 
-__all__ = ["StitchError", "StitchableNet", "StitchConfig", "StitchSpace", "load", "save_checkpoint", "stitch",
+from .errors import StitchError  # noqa: E402  (export reads __version__ while importing)
+from .export import export  # noqa: E402
+from .model import StitchableNet, StitchConfig, StitchSpace, load  # noqa: E402
+from .model.checkpoint import save_checkpoint  # noqa: E402
+from .model.lsinit import stitch  # noqa: E402
+
+__all__ = ["StitchError", "StitchableNet", "StitchConfig", "StitchSpace", "export", "load", "save_checkpoint", "stitch",
            "__version__"]

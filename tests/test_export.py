@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -15,7 +16,6 @@ import pytest
 import torch
 
 import stitch_compile as sc
-from stitch_compile import export as export_pkg
 from stitch_compile.bundle import load_bundle, sha256_file
 from stitch_compile.cli import main
 from stitch_compile.export import export
@@ -114,6 +114,7 @@ def test_bundle_size_bound(v1_bundle):
 
 def test_each_unique_segment_traced_once(v1_net, tmp_path, monkeypatch):
     traced = []
+    export_pkg = importlib.import_module("stitch_compile.export")  # the package: sc.export is the function
     real = export_pkg.trace_segment
     monkeypatch.setattr(export_pkg, "trace_segment", lambda seg, opset: traced.append(seg.key) or real(seg, opset))
     bundle = export(v1_net, str(tmp_path / "b"), targets="onnx", configs=SUBSET)

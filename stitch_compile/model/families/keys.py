@@ -36,3 +36,16 @@ def anchor_ids(state: dict[str, torch.Tensor]) -> list[int]:
 def anchors_with(state: dict[str, torch.Tensor], name: str) -> list[int]:
     """Ids of the anchors holding ``anchors.<id>.<name>``: how a family recognises its anchors."""
     return [a for a in anchor_ids(state) if f"anchors.{a}.{name}" in state]
+
+
+def anchor_tensors(state: dict[str, torch.Tensor], family: str, named: list[str] | None
+                   ) -> list[tuple[dict[str, torch.Tensor], str, str | None]]:
+    """(tensors, 'anchors.<a>', --anchors entry or None) per anchor, after checking the top-level layout."""
+    check_known(state, ("anchors.", "stitch_layers."), family)
+    anchor_state = group(state, "anchors.")
+    n = len(anchor_state)
+    if n < 2 or sorted(anchor_state) != list(range(n)):
+        raise StitchError(f"{family}: expected anchors.0 .. anchors.N-1 with N >= 2, found anchors {sorted(anchor_state)}")
+    if named is not None and len(named) != n:
+        raise StitchError(f"--anchors: {len(named)} names given but the checkpoint holds {n} anchors")
+    return [(anchor_state[a], f"anchors.{a}", named[a] if named else None) for a in range(n)]

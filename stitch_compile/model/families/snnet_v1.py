@@ -15,7 +15,7 @@ from torch import nn
 from ...errors import StitchError
 from ..network import StitchableNet
 from ..space import StitchConfig, StitchSpace
-from .keys import check_known, group
+from .keys import anchor_tensors, group
 from .stitching import linear_stitch
 from .vit_anchor import spec_dict, stitch_segment, token_params, tokens, vit_anchor, vit_segments
 
@@ -55,14 +55,8 @@ def matches(state: dict[str, torch.Tensor]) -> bool:
 
 
 def build(state: dict[str, torch.Tensor], anchors: list[str] | None = None) -> StitchableNet:
-    check_known(state, ("anchors.", "stitch_layers."), NAME)
-    anchor_state = group(state, "anchors.")
-    n = len(anchor_state)
-    if n < 2 or sorted(anchor_state) != list(range(n)):
-        raise StitchError(f"{NAME}: expected anchors.0 .. anchors.N-1 with N >= 2, found anchors {sorted(anchor_state)}")
-    if anchors is not None and len(anchors) != n:
-        raise StitchError(f"--anchors: {len(anchors)} names given but the checkpoint holds {n} anchors")
-    vits, names = zip(*(vit_anchor(anchor_state[a], f"anchors.{a}", anchors[a] if anchors else None) for a in range(n)))
+    vits, names = zip(*(vit_anchor(*parts) for parts in anchor_tensors(state, NAME, anchors)))
+    n = len(vits)
     depths = {len(v.blocks) for v in vits}
     if len(depths) != 1:
         raise StitchError(f"{NAME}: anchors must have equal depth, found {[len(v.blocks) for v in vits]} blocks")

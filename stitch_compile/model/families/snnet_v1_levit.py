@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from ..network import StitchableNet
-from .keys import anchor_ids, anchors_with
+from .keys import anchor_ids, anchor_tensors, anchors_with
 from .levit_anchor import MARKER, levit_anchor
-from .staged import anchor_tensors, build_staged
+from .staged import build_staged
 from .stitching import linear_stitch
 
 NAME = "snnet_v1_levit"

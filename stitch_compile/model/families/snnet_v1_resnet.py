@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..network import StitchableNet
-from .keys import anchor_ids, anchors_with
+from .keys import anchor_ids, anchor_tensors, anchors_with
 from .resnet_anchor import MARKER, resnet_anchor
-from .staged import anchor_tensors, build_staged
+from .staged import build_staged
 from .stitching import conv_stitch
 
 NAME = "snnet_v1_resnet"

@@ -14,8 +14,8 @@ import torch
 from ...errors import StitchError
 from ..network import StitchableNet
 from . import resnet_anchor, swin_anchor
-from .keys import anchors_with
-from .staged import anchor_tensors, build_staged
+from .keys import anchor_tensors, anchors_with
+from .staged import build_staged
 from .stitching import conv_stitch
 
 NAME = "snnet_v1_resnet_swin"

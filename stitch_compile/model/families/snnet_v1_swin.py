@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..network import StitchableNet
-from .keys import anchor_ids, anchors_with
-from .staged import anchor_tensors, build_staged
+from .keys import anchor_ids, anchor_tensors, anchors_with
+from .staged import build_staged
 from .stitching import linear_stitch
 from .swin_anchor import MARKER, swin_anchor
 

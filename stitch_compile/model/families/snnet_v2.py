@@ -15,7 +15,7 @@ from torch import nn
 from ...errors import StitchError
 from ..network import StitchableNet
 from ..space import StitchConfig, StitchSpace
-from .keys import check_known, group
+from .keys import anchor_tensors, group
 from .stitching import linear_stitch
 from .vit_anchor import spec_dict, stitch_segment, token_params, tokens, vit_anchor, vit_segments
 
@@ -65,13 +65,10 @@ def matches(state: dict[str, torch.Tensor]) -> bool:
 
 
 def build(state: dict[str, torch.Tensor], anchors: list[str] | None = None, lora_alpha: float = 1.0) -> StitchableNet:
-    check_known(state, ("anchors.", "stitch_layers."), NAME)
-    anchor_state = group(state, "anchors.")
-    if sorted(anchor_state) != [0, 1]:
-        raise StitchError(f"{NAME}: expected exactly anchors.0 and anchors.1, found anchors {sorted(anchor_state)}")
-    if anchors is not None and len(anchors) != 2:
-        raise StitchError(f"--anchors: {len(anchors)} names given but an SN-Netv2 checkpoint holds 2 anchors")
-    vits, names = zip(*(vit_anchor(anchor_state[a], f"anchors.{a}", anchors[a] if anchors else None) for a in (0, 1)))
+    parts = anchor_tensors(state, NAME, anchors)
+    if len(parts) != 2:
+        raise StitchError(f"{NAME}: expected exactly anchors.0 and anchors.1, found {len(parts)} anchors")
+    vits, names = zip(*(vit_anchor(*p) for p in parts))
     d0, d1 = (len(v.blocks) for v in vits)
     if d0 > d1 or d1 % d0:
         raise StitchError(f"{NAME}: anchor depths {d0}, {d1}: anchor 0 must be the shallower and divide anchor 1's depth")

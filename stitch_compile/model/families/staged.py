@@ -20,7 +20,7 @@ from torch import nn
 from ...errors import StitchError
 from ..network import Segment, StitchableNet, StitchingLayer
 from ..space import StitchConfig, StitchSpace
-from .keys import check_known, group
+from .keys import group
 from .stages import enumerate_configs
 from .stitching import stitch_segment
 
@@ -65,19 +65,6 @@ class StagedAnchor:
     def _stage(self, s: int, blocks: range, enter: bool) -> list[str]:
         down = f"down:{self.index}:{s}"
         return ([down] if enter and down in self.segments else []) + [f"block:{self.index}:{s}.{i}" for i in blocks]
-
-
-def anchor_tensors(state: dict[str, torch.Tensor], family: str, named: list[str] | None
-                   ) -> list[tuple[dict[str, torch.Tensor], str, str | None]]:
-    """(tensors, 'anchors.<a>', --anchors entry or None) per anchor, after checking the top-level layout."""
-    check_known(state, ("anchors.", "stitch_layers."), family)
-    anchor_state = group(state, "anchors.")
-    n = len(anchor_state)
-    if n < 2 or sorted(anchor_state) != list(range(n)):
-        raise StitchError(f"{family}: expected anchors.0 .. anchors.N-1 with N >= 2, found anchors {sorted(anchor_state)}")
-    if named is not None and len(named) != n:
-        raise StitchError(f"--anchors: {len(named)} names given but the checkpoint holds {n} anchors")
-    return [(anchor_state[a], f"anchors.{a}", named[a] if named else None) for a in range(n)]
 
 
 def build_staged(family: str, anchors: Sequence[StagedAnchor], state: dict[str, torch.Tensor],
