@@ -56,16 +56,21 @@ quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--targets", default="onnx,ort", show_default=True, help="Comma-separated: onnx, ort, tensorrt, aoti, or 'all'.")
 @click.option("--configs", default="all", show_default=True, help="'all' or comma-separated config ids.")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset of the graphs.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
+              help="tensorrt target: engine precision (fp16 adds fp16 graphs over one fp16 weight store).")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="tensorrt target: largest batch of the engines' optimisation profile.")
 @anchors_option
 @quiet_option
-def export(checkpoint: str, out: str | None, targets: str, configs: str, opset: int, anchors: str | None, quiet: bool) -> None:
+def export(checkpoint: str, out: str | None, targets: str, configs: str, opset: int, precision: str, max_batch: int,
+           anchors: str | None, quiet: bool) -> None:
     """Compile every config of CHECKPOINT into a bundle, weights stored once, parity-checked."""
     from .export import export as export_bundle
 
     net = load(checkpoint, anchors=anchors)
     out = out or os.path.splitext(checkpoint)[0] + ".bundle"
     bundle = export_bundle(net, out, targets=targets, configs=configs, opset=opset, quiet=quiet,
-                           report=lambda line: click.echo(line, err=True))
+                           report=lambda line: click.echo(line, err=True), precision=precision, max_batch=max_batch)
     m = bundle.manifest
     click.echo(f"{out}: {len(m['configs'])} configs, targets {', '.join(m['targets'])}, "
                f"weights {m['weights']['unique_bytes'] / 1e6:.1f} MB stored once, bundle {_bundle_mb(m):.1f} MB")

@@ -22,46 +22,62 @@ from ..errors import StitchError
 from ..model.network import StitchableNet
 from . import targets as target_registry
 from .compose import compose_config, file_key, prepare_segment, standalone_segment
+from .fp16 import FP16_WEIGHTS, fp16_graphs
 from .ort_target import optimize
-from .parity import BATCHES, FP32_REL_TOL, check_target
+from .parity import BATCHES, FP32_REL_TOL, REL_TOL, check_target, tolerance
+from .tensorrt_ops import check_graphs
+from .tensorrt_script import OPT_BATCH, write_build_script
+from .tensorrt_target import build_engines, check_engines
 from .trace import trace_segment
 from .weights import WeightStore
 
 DEFAULT_OPSET = 17
+DEFAULT_MAX_BATCH = 8
 
 
 def export(net: StitchableNet, out: str, targets="onnx", configs="all", opset: int = DEFAULT_OPSET,
-           quiet: bool = True, seed: int | None = None, report=print) -> Bundle:
+           quiet: bool = True, seed: int | None = None, report=print, precision: str = "fp32",
+           max_batch: int = DEFAULT_MAX_BATCH) -> Bundle:
     """Compile ``configs`` of ``net`` for ``targets`` into the bundle folder ``out``.
 
     Re-running with the same checkpoint, tool version, opset and configs reuses the bundle when
     it already holds the targets asked for. ``report`` receives one line per skipped target.
+    ``precision`` and ``max_batch`` (the optimisation profile's largest batch) are the tensorrt
+    target's options.
     """
     build, skipped = target_registry.resolve(targets)
     for name, reason in skipped.items():
         report(f"{name}: skipped ({reason})")
+    trt_options = _tensorrt_options(build, precision, max_batch, report)
     ids = _config_ids(net, configs)
     source = _source(net)
     key = {"source": source["sha256"], "tool": __version__, "opset": opset, "configs": ids}
-    reused = _up_to_date(out, key, build)
+    reused = _up_to_date(out, key, build, trt_options)
     if reused is not None:
         report(f"{out}: up to date ({', '.join(build)}); nothing to do")
         return reused
-    torch_threads = torch.get_num_threads()
     started = time.perf_counter()
     with staging(out) as tmp:
         manifest, store = _compile(net, tmp, ids, opset, quiet)
-        manifest["export_seconds"] = round(time.perf_counter() - started, 3)
+        manifest["compile_seconds"] = round(time.perf_counter() - started, 3)
         parity = {"tolerance_rel": FP32_REL_TOL, "batches": list(BATCHES), "targets": {}}
         rng = np.random.default_rng(seed)
         if "ort" in build:
             manifest["targets"]["ort"] = _build_ort(tmp, manifest["targets"]["onnx"]["graphs"], store, quiet)
+        if "tensorrt" in build:
+            manifest["targets"]["tensorrt"] = _build_tensorrt(tmp, manifest, trt_options, quiet, report)
+        checked = {}  # graphs -> parity: tensorrt's fp32 sources are the onnx graphs, checked once
         for name, target in manifest["targets"].items():
-            parity["targets"][name] = check_target(net, tmp, target["graphs"], rng, name, quiet)
+            if target.get("engines"):
+                parity["targets"][name] = check_engines(net, tmp, target, rng, quiet)
+                continue
+            graphs = tuple(target["graphs"].items())
+            if graphs not in checked:
+                checked[graphs] = check_target(net, tmp, target["graphs"], rng, name, quiet, tolerance(target))
+            parity["targets"][name] = checked[graphs]
         write_json(os.path.join(tmp, "parity.json"), parity)
         manifest.update(source=source, reuse_key=key, files=list_files(tmp))
         write_json(os.path.join(tmp, "manifest.json"), manifest)
-    torch.set_num_threads(torch_threads)
     return load_bundle(out)
 
 
@@ -83,7 +99,7 @@ def _source(net: StitchableNet) -> dict:
     return {"file": os.path.basename(path), "sha256": sha256_file(path)}
 
 
-def _up_to_date(out: str, key: dict, build: list[str]) -> Bundle | None:
+def _up_to_date(out: str, key: dict, build: list[str], trt_options: dict) -> Bundle | None:
     if not key["source"] or not os.path.isfile(os.path.join(out, "manifest.json")):
         return None
     try:
@@ -91,7 +107,25 @@ def _up_to_date(out: str, key: dict, build: list[str]) -> Bundle | None:
     except StitchError:
         return None  # a damaged bundle is rebuilt, not reused
     have = bundle.manifest
-    return bundle if have.get("reuse_key") == key and set(build) <= set(have["targets"]) else None
+    if have.get("reuse_key") != key or not set(build) <= set(have["targets"]):
+        return None
+    if "tensorrt" in build:
+        trt = have["targets"]["tensorrt"]
+        if any(trt.get(k) != v for k, v in trt_options.items()):
+            return None
+        if not trt.get("engines") and target_registry.unavailable_reason("tensorrt") is None:
+            return None  # engines were pending and can be built here now
+    return bundle
+
+
+def _tensorrt_options(build: list[str], precision: str, max_batch: int, report) -> dict:
+    if precision not in REL_TOL:
+        raise StitchError(f"--precision {precision!r}: choose one of {', '.join(REL_TOL)}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise StitchError(f"--max-batch {max_batch!r}: expected a positive integer")
+    if "tensorrt" not in build and (precision, max_batch) != ("fp32", DEFAULT_MAX_BATCH):
+        report("--precision and --max-batch apply to the tensorrt target only; ignored")
+    return {"precision": precision, "max_batch": max_batch}
 
 
 def _compile(net: StitchableNet, root: str, ids: list[int], opset: int, quiet: bool) -> tuple[dict, WeightStore]:
@@ -145,3 +179,26 @@ def _build_ort(root: str, onnx_graphs: dict[str, str], base: WeightStore, quiet:
         os.unlink(derived.path)
     return {"optimization": "extended", "provider": "CPUExecutionProvider", "weights": weights,
             "derived_bytes": derived.unique_bytes, "graphs": graphs}
+
+
+def _build_tensorrt(root: str, manifest: dict, options: dict, quiet: bool, report) -> dict:
+    """tensorrt/build.sh for any device, and the engines too where TensorRT and a GPU are here.
+
+    The graphs the engines come from (fp32, or fp16 variants over one fp16 store) are first
+    checked against the operators TensorRT's ONNX parser supports, so a bundle never ships a
+    build script that fails on the device. The script is written even where engines are built:
+    engines serve only this GPU model and TensorRT version, the script any other device.
+    """
+    graphs, weights = manifest["targets"]["onnx"]["graphs"], ["onnx/weights.bin"]
+    if options["precision"] == "fp16":
+        graphs, weights = fp16_graphs(root, graphs), weights + [f"onnx/{FP16_WEIGHTS}"]
+    check_graphs(root, graphs)
+    args = (root, graphs, manifest["input"]["name"], manifest["input"]["shape"][1:], options["precision"],
+            options["max_batch"])
+    entry = {**options, "opt_batch": OPT_BATCH, "weights": weights, "graphs": graphs,
+             "build_script": write_build_script(*args)}
+    reason = target_registry.unavailable_reason("tensorrt")
+    if reason is None:
+        return {**entry, **build_engines(*args, quiet)}
+    report(f"tensorrt: engines not built here ({reason}); run {entry['build_script']} on the target device")
+    return {**entry, "engines": None, "status": f"engines pending: run {entry['build_script']} on the target device"}

@@ -9,7 +9,7 @@ import numpy as np
 from ..bundle import load_bundle, sha256_file
 from ..errors import StitchError
 from ..model.network import StitchableNet
-from .parity import FP32_REL_TOL, check_target, worst_rel
+from .parity import check_target, tolerance, worst_rel
 
 
 def verify_bundle(root: str, net: StitchableNet | None = None, quiet: bool = True) -> list[str]:
@@ -22,13 +22,13 @@ def verify_bundle(root: str, net: StitchableNet | None = None, quiet: bool = Tru
     with open(bundle.path("parity.json"), encoding="utf-8") as f:
         recorded = json.load(f)
     ids = {str(c["id"]) for c in m["configs"]}
-    for name in m["targets"]:
+    for name, target in m["targets"].items():
         entries = recorded.get("targets", {}).get(name, {})
         if set(entries) != ids:
             raise StitchError(f"{root}: parity.json does not cover every {name} config; the bundle is tampered")
         worst = max(worst_rel(e) for e in entries.values())
-        if worst > FP32_REL_TOL:
-            raise StitchError(f"{root}: recorded {name} parity {worst:.2e} exceeds {FP32_REL_TOL:g}")
+        if worst > tolerance(target):
+            raise StitchError(f"{root}: recorded {name} parity {worst:.2e} exceeds {tolerance(target):g}")
         lines.append(f"{name}: {len(entries)} configs, recorded worst relative error {worst:.2e}")
     if net is not None:
         source = m["source"]["sha256"]
@@ -36,7 +36,7 @@ def verify_bundle(root: str, net: StitchableNet | None = None, quiet: bool = Tru
             raise StitchError(f"{root}: the checkpoint given is not the one this bundle was exported from (sha256 differs)")
         rng = np.random.default_rng()
         for name, target in m["targets"].items():
-            fresh = check_target(net, root, target["graphs"], rng, name, quiet)
+            fresh = check_target(net, root, target["graphs"], rng, name, quiet, tolerance(target))
             lines.append(f"{name}: parity re-run on fresh inputs, worst relative error "
                          f"{max(worst_rel(e) for e in fresh.values()):.2e}")
     return lines
