@@ -9,6 +9,7 @@ from .export import export  # noqa: E402
 from .model import StitchableNet, StitchConfig, StitchSpace, load  # noqa: E402
 from .model.checkpoint import save_checkpoint  # noqa: E402
 from .model.lsinit import stitch  # noqa: E402
+from .runtime import Runtime  # noqa: E402
 
-__all__ = ["StitchError", "StitchableNet", "StitchConfig", "StitchSpace", "export", "load", "save_checkpoint", "stitch",
+__all__ = ["Runtime", "StitchError", "StitchableNet", "StitchConfig", "StitchSpace", "export", "load", "save_checkpoint", "stitch",
            "__version__"]

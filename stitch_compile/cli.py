@@ -6,15 +6,17 @@ keeps the traceback). Nothing here holds logic the Python API lacks.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 
 import click
 
-from . import __version__
+from . import __version__, save_checkpoint, stitch
 from .errors import StitchError
 from .model import describe_route, load
+from .model.lsinit import read_anchor, read_calibration_images
 
 
 @click.group()
@@ -93,6 +95,181 @@ def verify(bundle: str, checkpoint: str | None, anchors: str | None, quiet: bool
     net = load(checkpoint, anchors=anchors) if checkpoint else None
     for line in verify_bundle(bundle, net, quiet=quiet):
         click.echo(line)
+
+
+@cli.command("stitch")
+@click.argument("anchor_files", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="ANCHOR.pth...")
+@anchors_option
+@click.option("--calib", required=True, metavar="FOLDER",
+              help="Calibration images (class sub-folders allowed): resized to the anchors' input, "
+                   "ImageNet-normalised.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="SN-Net v1 checkpoint to write (atomically).")
+@click.option("--calib-count", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images in the least-squares fit (a fixed-seed sample of FOLDER).")
+@click.option("--img-size", default=None, type=click.IntRange(min=1),
+              help="Input size of the --anchors models (timm img_size); without --anchors it is read from the files.")
+@quiet_option
+def stitch_command(anchor_files: tuple[str, ...], anchors: str | None, calib: str, out: str, calib_count: int,
+                   img_size: int | None, quiet: bool) -> None:
+    """Stitch timm ViT checkpoints ANCHOR.pth (smallest first) into an LS-initialised SN-Net v1 checkpoint."""
+    say = (lambda _line: None) if quiet else (lambda line: click.echo(line, err=True))
+    names = [n.strip() for n in anchors.split(",") if n.strip()] if anchors else None
+    if len(anchor_files) < 2:
+        raise StitchError(f"stitch needs at least 2 anchor checkpoints, got {len(anchor_files)}")
+    if names is not None and len(names) != len(anchor_files):
+        raise StitchError(f"--anchors: {len(names)} names for {len(anchor_files)} anchor checkpoints; "
+                          "give one name per file")
+    if img_size is not None:
+        if names is None:
+            raise StitchError("--img-size needs --anchors: without timm names the input size is read "
+                              "from the checkpoints")
+        names = [f"{n}:img_size={img_size}" for n in names]
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise StitchError(f"--out {out}: its folder does not exist; create it first")
+    say(f"reading {len(anchor_files)} anchors")
+    vits = [read_anchor(path, name) for path, name in zip(anchor_files, names or [None] * len(anchor_files))]
+    images = read_calibration_images(calib, tuple(vits[0].patch_embed.img_size), calib_count)
+    say(f"least-squares initialisation on {len(images)} images from {calib}")
+    net = stitch(vits, images, names)
+    save_checkpoint(net, out, args=argparse.Namespace(
+        model="snnet_v1", anchors=names, anchor_files=list(anchor_files), calib=calib, calib_count=len(images)))
+    layers = sum(key.startswith("stitch:") for key in net.segments)
+    click.echo(f"{out}: {len(net.configs)} configs from {len(vits)} anchors ({', '.join(net.anchor_names)}), "
+               f"{layers} stitching layers LS-initialised on {len(images)} images")
+
+
+def runtime_options(command):
+    """--device, --threads, --mode: together with the backend they make the device key of a LUT."""
+    for option in reversed([
+        click.option("--device", default="cpu", show_default=True, help="Where configs run (cpu)."),
+        click.option("--threads", default=None, type=click.IntRange(min=1),
+                     help="Intra-op threads [default: the CPUs this process may use]."),
+        click.option("--mode", default="segments", show_default=True, type=click.Choice(["segments", "graphs"]),
+                     help="ort: chain shared per-segment sessions (least memory) or one session per config graph."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _runtime(bundle: str, device: str, threads: int | None, mode: str, preload: bool = False):
+    from .runtime import Runtime
+
+    return Runtime(bundle, device=device, threads=threads, preload=preload, mode=mode)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise StitchError(f"{what} {text!r}: expected comma-separated integers") from None
+
+
+metric_option = click.option("--metric", default="p50", show_default=True, type=click.Choice(["p50", "p90", "p99"]),
+                             help="Latency percentile compared with the budget.")
+
+
+@cli.command("bench")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@runtime_options
+@click.option("--batch", "batches", default="1", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--runs", default=50, show_default=True, type=click.IntRange(min=1), help="Timed runs per graph.")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
+@click.option("--predict", is_flag=True,
+              help="Time each unique segment once and predict every config; only --configs (default: the anchors "
+                   "and 4 stitched configs) are measured, to calibrate and check the model.")
+@click.option("--configs", default="all", show_default=True, help="'all' or comma-separated config ids to measure.")
+@quiet_option
+def bench_command(bundle: str, device: str, threads: int | None, mode: str, batches: str, runs: int, warmup: int,
+                  predict: bool, configs: str, quiet: bool) -> None:
+    """Measure every config of BUNDLE on this device; write lut/<device key>.json."""
+    from .bench import bench, summary
+
+    lut = bench(_runtime(bundle, device, threads, mode), batches=_ints(batches, "--batch"), runs=runs,
+                warmup=warmup, configs=configs, predict=predict, quiet=quiet)
+    for line in summary(lut):
+        click.echo(line)
+
+
+@cli.command("select")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--budget-ms", required=True, type=float, help="Latency budget in milliseconds.")
+@metric_option
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@runtime_options
+@click.option("--json", "as_json", is_flag=True, help="Print the choice and the Pareto frontier as JSON.")
+def select_command(bundle: str, budget_ms: float, metric: str, batch: int, device: str, threads: int | None,
+                   mode: str, as_json: bool) -> None:
+    """Print the most accurate config of BUNDLE that fits the budget on this device."""
+    rt = _runtime(bundle, device, threads, mode)
+    choice = rt.choice(budget_ms, metric, batch)
+    if as_json:
+        click.echo(json.dumps({"device_key": rt.device_key, "lut": rt.lut.path,
+                               **rt.selector(metric, batch).report(budget_ms)}))
+        return
+    quality = f"top-1 {choice.accuracy:.2f}%" if choice.accuracy is not None else "accuracy unknown"
+    click.echo(f"config {choice.id}: {choice.latency_ms:.3f} ms {metric} at batch {batch}"
+               f"{' (predicted)' if choice.predicted else ''}, {quality}, {choice.flops / 1e9:.3f} GFLOPs; "
+               f"fits {budget_ms:g} ms on {rt.device_key}")
+
+
+@cli.command("accuracy")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--from", "results", default=None, type=click.Path(dir_okay=False),
+              help="JSON lines of the public code ({\"cfg_id\": 3, \"acc1\": 72.1, ...}) to import.")
+@click.option("--eval", "folder", default=None, type=click.Path(file_okay=False),
+              help="Measure top-1 on an image folder (one sub-folder per class, sorted names = labels).")
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1), help="--eval batch size.")
+@click.option("--crop-pct", default=0.875, show_default=True, type=float,
+              help="--eval: resize the shorter side to size / crop-pct, then centre-crop (timm's eval transform).")
+@click.option("--no-normalize", is_flag=True, help="--eval: feed [0, 1] pixels (no ImageNet mean/std).")
+@runtime_options
+@quiet_option
+def accuracy_command(bundle: str, results: str | None, folder: str | None, batch: int, crop_pct: float,
+                     no_normalize: bool, device: str, threads: int | None, mode: str, quiet: bool) -> None:
+    """Store every config's top-1 accuracy in BUNDLE's manifest (imported or measured)."""
+    from .accuracy import evaluate, import_results, store_accuracy
+
+    if (results is None) == (folder is None):
+        raise StitchError("accuracy: give exactly one of --from RESULTS_FILE or --eval IMAGE_FOLDER")
+    if results is not None:
+        _, found = import_results(bundle, results)
+        click.echo(f"{bundle}: top-1 of {len(found)} configs imported from {results} into manifest.json")
+        return
+    rt = _runtime(bundle, device, threads, mode, preload=True)
+    top1 = evaluate(rt, folder, batch=batch, normalize=not no_normalize, crop_pct=crop_pct, quiet=quiet)
+    store_accuracy(rt.bundle, top1, f"measured on {os.path.abspath(folder)} ({rt.device_key})")
+    for cid, acc in top1.items():
+        click.echo(f"{cid:>4}  top-1 {acc:6.2f}%")
+    click.echo(f"{bundle}: top-1 of {len(top1)} configs measured on {folder}, stored in manifest.json")
+
+
+@cli.command("plot")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--x", "x_axis", default="latency", show_default=True, type=click.Choice(["latency", "flops"]))
+@metric_option
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@runtime_options
+def plot_command(bundle: str, out: str, x_axis: str, metric: str, batch: int, device: str, threads: int | None,
+                 mode: str) -> None:
+    """Plot every config of BUNDLE (latency or GFLOPs vs accuracy) with the Pareto frontier."""
+    from .plot import plot
+
+    rt = _runtime(bundle, device, threads, mode)
+    selector = rt.selector(metric, batch) if x_axis == "latency" else None
+    click.echo(f"wrote {plot(rt.bundle, out, x_axis, selector, title=rt.device_key if selector else '')}")
+
+
+@cli.command()
+@click.option("--out", default="stitch-demo", show_default=True, help="Folder for the checkpoint, bundle and pareto.png.")
+@click.option("--fast", is_flag=True, help="Shorter training (the CI variant).")
+@quiet_option
+def demo(out: str, fast: bool, quiet: bool) -> None:
+    """Train a tiny SN-Net on scikit-learn's digits, export, bench, and select (nothing downloaded)."""
+    from .demo.pipeline import run_demo
+
+    run_demo(out, fast=fast, quiet=quiet, echo=click.echo)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,10 +5,14 @@ session read its own copy, the weight files are memory-mapped once and every ext
 is handed to ONNX Runtime as an OrtValue viewing that map (``SessionOptions.add_initializer``), so
 all configs resident together cost about one copy of the weights. Used by export (parity) and by
 the runtime, hence it lives beside them rather than inside either.
+
+Graphs are untrusted input: an external-data reference must name a file inside the folder and a
+byte range inside that file that holds exactly the tensor's bytes.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 
@@ -16,6 +20,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import external_data_helper, helper
+
+from .bundle import inside
+from .errors import StitchError
 
 
 class SharedWeights:
@@ -30,23 +37,46 @@ class SharedWeights:
 
     def _map(self, location: str) -> np.memmap:
         if location not in self._maps:
-            path = os.path.join(self.folder, location)
+            path = inside(self.folder, location)
+            if not os.path.isfile(path):
+                raise StitchError(f"{self.folder}: a graph names missing weight file {location!r}; the bundle is incomplete")
             self._maps[location] = np.memmap(path, dtype=np.uint8, mode="r")
         return self._maps[location]
 
     def value(self, tensor: onnx.TensorProto) -> ort.OrtValue:
         """OrtValue viewing ``tensor``'s bytes in the mapped file (one per distinct slot)."""
         info = {e.key: e.value for e in tensor.external_data}
-        offset, length = int(info.get("offset", 0)), int(info["length"])
+        location = info.get("location", "")
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        key = (info["location"], offset, length, dtype.str, tuple(tensor.dims))
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+        except ValueError:
+            offset = length = -1
+        key = (location, offset, length, dtype.str, tuple(tensor.dims))
         with self._lock:
             if key not in self._values:
-                raw = self._map(info["location"])[offset:offset + length]
+                data = self._map(location)
+                if offset < 0 or offset + length > data.size or length != dtype.itemsize * int(np.prod(tensor.dims)):
+                    raise StitchError(f"{self.folder}: tensor {tensor.name!r} points outside {location!r} "
+                                      f"or has the wrong size; the bundle is tampered")
+                raw = data[offset:offset + length]
                 array = raw.view(dtype).reshape(tuple(tensor.dims))
                 self._arrays[key] = array
                 self._values[key] = ort.OrtValue.ortvalue_from_numpy(array)
             return self._values[key]
+
+    def release_pages(self) -> None:
+        """Drop this process's resident pages of the maps (the file and page cache are untouched).
+
+        Sessions that pre-pack their weights keep a packed copy and never read the original again;
+        releasing the pages keeps those bytes from being resident twice. Pages still read later
+        (biases, norms) fault back in from the page cache on their next use.
+        """
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        with self._lock:
+            for data in self._maps.values():
+                data._mmap.madvise(mmap.MADV_DONTNEED)
 
     def session(self, graph_path: str, options: ort.SessionOptions | None = None,
                 providers: list[str] | None = None) -> ort.InferenceSession:

@@ -1,0 +1,103 @@
+"""Runtime: every config of a bundle resident at once, selected by latency budget, run by id.
+
+    rt = Runtime("bundle/", device="cpu")   # every config resident, one copy of the weights
+    cid = rt.select(budget_ms=25)           # best config that fits, from this device's LUT
+    y = rt.run(x, config=cid)               # numpy in, numpy out; thread-safe
+
+Runners are created once (all up front, or on first use with ``preload=False``) and never
+reloaded, so a switch is a dictionary lookup; ``select`` is a binary search over a table built
+once per (metric, batch).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ..bundle import Bundle, load_bundle
+from ..errors import StitchError
+from .backend import Backend, Runner, create_backend
+from .device import default_threads, device_key
+from .lut import Lut, read_lut
+from .select import Choice, Selector, check_budget
+
+
+class Runtime:
+    """Load a bundle for one device; ``backend_options`` go to the backend (ort: ``mode``)."""
+
+    def __init__(self, bundle: str | Bundle, device: str = "cpu", backend: str = "ort", threads: int | None = None,
+                 preload: bool = True, **backend_options):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise StitchError(f"threads {threads!r}: expected a positive integer")
+        self.threads = threads or default_threads()
+        self.backend: Backend = create_backend(backend, self.bundle, device, self.threads, **backend_options)
+        self.device_key = device_key(device, self.backend.hardware(), self.backend.engine, self.threads,
+                                     self.backend.precision)
+        self.input_shape = tuple(self.bundle.manifest["input"]["shape"][1:])
+        self._runners: dict[int, Runner] = {}
+        self._selectors: dict[tuple, Selector] = {}
+        self._lut: Lut | None = None
+        self._lock = threading.Lock()
+        if preload:
+            for cid in self.config_ids:
+                self.runner(cid)
+
+    @property
+    def config_ids(self) -> list[int]:
+        return [c["id"] for c in self.bundle.manifest["configs"]]
+
+    def runner(self, config) -> Runner:
+        """The resident runner of ``config`` (created on first use when not preloaded)."""
+        try:
+            runner = self._runners.get(config)
+        except TypeError:  # unhashable: bundle.config names the problem
+            runner = None
+        if runner is None:
+            cid = int(self.bundle.config(config)["id"])
+            with self._lock:
+                runner = self._runners.get(cid)
+                if runner is None:
+                    runner = self._runners[cid] = self.backend.config_runner(cid)
+        return runner
+
+    def run(self, x, config) -> np.ndarray:
+        """Logits of ``config`` for the image batch ``x`` [batch, C, H, W] (float32)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != self.input_shape or x.shape[0] < 1:
+            raise StitchError(f"input of shape {list(x.shape)}: this bundle takes [batch, {', '.join(map(str, self.input_shape))}]")
+        return self.runner(config)(x)
+
+    @property
+    def lut(self) -> Lut:
+        """This device's latency table (read and validated once)."""
+        if self._lut is None:
+            self._lut = read_lut(self.bundle, self.device_key, self._bench_hint())
+        return self._lut
+
+    def _bench_hint(self) -> str:
+        mode = getattr(self.backend, "mode", None)
+        return (f" --device {self.backend.device} --threads {self.threads}"
+                + (f" --mode {mode}" if mode and mode != "segments" else ""))
+
+    def selector(self, metric: str = "p50", batch: int = 1) -> Selector:
+        """The selection table for one latency metric and batch size (built once)."""
+        key = (metric, batch)
+        selector = self._selectors.get(key)
+        if selector is None:
+            with self._lock:
+                selector = self._selectors.get(key) or Selector(
+                    self.bundle.configs, self.lut.table(batch, metric),
+                    f"at {metric} (batch {batch}) on {self.device_key}")
+                self._selectors[key] = selector
+        return selector
+
+    def select(self, budget_ms: float, metric: str = "p50", batch: int = 1) -> int:
+        """Id of the most accurate config (else the most FLOPs) whose latency fits ``budget_ms``."""
+        return self.selector(metric, batch).select(check_budget(budget_ms))
+
+    def choice(self, budget_ms: float, metric: str = "p50", batch: int = 1) -> Choice:
+        """``select``, with the chosen config's latency, accuracy and FLOPs."""
+        selector = self.selector(metric, batch)
+        return selector.choices[selector.select(check_budget(budget_ms))]
