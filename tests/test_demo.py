@@ -1,0 +1,54 @@
+"""The quick start's CI variant: `stitch-compile demo --fast` end to end (about a minute)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from stitch_compile.bundle import load_bundle
+from stitch_compile.demo.pipeline import BATCH
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The real command in a fresh process, as a user runs it: (output folder, stdout lines)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    done = subprocess.run([sys.executable, "-m", "stitch_compile.cli", "demo", "--fast", "--quiet", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out, done.stdout.splitlines()
+
+
+def test_demo_writes_checkpoint_bundle_lut_and_plot(demo_run):
+    out, _ = demo_run
+    bundle = load_bundle(str(out / "bundle"), check_hashes=True)
+    assert (out / "snnet_digits.pth").is_file()
+    assert len(os.listdir(out / "bundle" / "lut")) == 1
+    assert all("accuracy" in c for c in bundle.manifest["configs"])
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_prints_every_config_and_fitting_choices(demo_run):
+    out, lines = demo_run
+    bundle = load_bundle(str(out / "bundle"))
+    rows = [line for line in lines if line[:3].strip().isdigit()]
+    assert sorted(int(r.split()[0]) for r in rows) == sorted(bundle.configs)
+    lut = json.loads(next((out / "bundle" / "lut").iterdir()).read_text())
+    latency = {int(cid): e["p50_ms"] for cid, e in lut["latency"][str(BATCH)].items()}
+    choices = [line for line in lines if line.startswith("budget ")]
+    assert len(choices) == 2
+    for line in choices:
+        budget, chosen = float(line.split()[1]), int(line.split("config ")[1].split(":")[0])
+        assert latency[chosen] <= budget
+    assert any(line.startswith("SN-Net effect:") for line in lines)
+
+
+def test_wider_anchor_is_more_accurate(demo_run):
+    out, _ = demo_run
+    configs = load_bundle(str(out / "bundle")).configs
+    anchors = sorted((c for c in configs.values() if len(c["anchors"]) == 1), key=lambda c: c["flops"])
+    assert anchors[-1]["accuracy"] > anchors[0]["accuracy"]
