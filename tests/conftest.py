@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import stitch_compile
-from stitch_compile.cli import main
+from cli_runner import run_cli
 from snnet_reference import V1_SHAPE, V2_SHAPE, v1_state, write_v1, write_v2
 
 
@@ -71,11 +71,7 @@ def cli(capsys):
     def run(*args):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            try:
-                main([str(a) for a in args])
-                code = 0
-            except SystemExit as exc:
-                code = exc.code
+            code = run_cli(*args)
         out, err = capsys.readouterr()
         shown = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
         return code, out, err + "".join(f"{w.category.__name__}: {w.message}\n" for w in shown)

@@ -17,7 +17,7 @@ import torch
 
 import stitch_compile as sc
 from stitch_compile.bundle import load_bundle, sha256_file
-from stitch_compile.cli import main
+from cli_runner import run_cli
 from stitch_compile.export import export
 from stitch_compile.export.weights import ALIGN
 
@@ -29,14 +29,6 @@ def v1_bundle(v1_net, tmp_path_factory):
     """Anchors and stitched configs of both pairs (all 71: see the slow test), onnx target."""
     out = tmp_path_factory.mktemp("export") / "bundle"
     return export(v1_net, str(out), targets="onnx", configs=SUBSET)
-
-
-def run_cli(*args):
-    try:
-        main(list(map(str, args)))
-    except SystemExit as exc:
-        return exc.code
-    return 0
 
 
 def external_refs(model: onnx.ModelProto):

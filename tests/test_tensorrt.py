@@ -22,7 +22,7 @@ import torch
 from onnx import TensorProto, helper, shape_inference
 
 import stitch_compile as sc
-from stitch_compile.cli import main
+from cli_runner import run_cli
 from stitch_compile.errors import StitchError
 from stitch_compile.export import export
 from stitch_compile.export.parity import REL_TOL
@@ -54,14 +54,6 @@ def fp32(v1_net, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fp16(v1_net, tmp_path_factory):
     return _export(v1_net, tmp_path_factory.mktemp("trt") / "fp16", precision="fp16")
-
-
-def run_cli(*args):
-    try:
-        main(list(map(str, args)))
-    except SystemExit as exc:
-        return exc.code
-    return 0
 
 
 def commands(bundle) -> list[dict]:
