@@ -333,3 +333,25 @@ def test_describe_route_collapses_blocks_per_stage(tiny):
     kind, *_, net = tiny
     cid, text = ROUTES[kind]
     assert describe_route(net.configs[cid].route) == text
+
+
+# ---- export, runtime and bench flow through unchanged ----------------------------------------------
+
+def test_export_runtime_and_bench_work_for_every_family(tiny, tmp_path):
+    from stitch_compile.bench import bench
+    from stitch_compile.export import export
+    from stitch_compile.runtime import Runtime
+
+    kind, _, _, _, net = tiny
+    stitched = {c.extra.get("stage_id"): c.id for c in net.configs if not c.is_anchor}  # one per stitched stage
+    ids = sorted({c.id for c in net.configs if c.is_anchor} | set(stitched.values()))
+    bundle = export(net, str(tmp_path / "bundle"), targets="onnx", configs=ids)  # parity-checked inside
+    runtime = Runtime(bundle, threads=1)
+    x = torch.randn(3, *net.input_shape)
+    for cid in ids:
+        with torch.no_grad():
+            ref = net(x, cid).numpy()
+        got = runtime.run(x.numpy(), cid)
+        assert abs(got - ref).max() <= 1e-4 * abs(ref).max(), (kind, cid)
+    lut = bench(runtime, batches=(1, 2), runs=2, warmup=1)
+    assert {int(c) for c in lut.data["latency"]["2"]} == set(ids)
