@@ -39,7 +39,8 @@ class SharedWeights:
         if location not in self._maps:
             path = inside(self.folder, location)
             if not os.path.isfile(path):
-                raise StitchError(f"{self.folder}: a graph names missing weight file {location!r}; the bundle is incomplete")
+                raise StitchError(f"{self.folder}: a graph names missing weight file {location!r}; "
+                                  f"the bundle is incomplete")
             self._maps[location] = np.memmap(path, dtype=np.uint8, mode="r")
         return self._maps[location]
 

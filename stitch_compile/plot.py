@@ -59,8 +59,10 @@ def plot(bundle: Bundle, out: str, x: str = "latency", selector: Selector | None
     for cid in sorted(anchors):
         px, py, _ = pts[cid]
         ax.scatter([px], [py], marker="*", s=160, color="tab:red", zorder=3)
-        ax.annotate(names[configs[cid]["anchors"][0]], (px, py), textcoords="offset points", xytext=(6, -10), fontsize=8)
-    frontier = pareto_frontier({cid: (px, py) for cid, (px, py, _) in pts.items()})
+        ax.annotate(names[configs[cid]["anchors"][0]], (px, py), textcoords="offset points", xytext=(6, -10),
+                    fontsize=8)
+    frontier = ([c.id for c in selector.frontier()] if x == "latency"  # the one select --json shows
+                else pareto_frontier({cid: (px, py) for cid, (px, py, _) in pts.items()}))
     ax.plot([pts[c][0] for c in frontier], [pts[c][1] for c in frontier], color="tab:orange", lw=1.2,
             drawstyle="steps-post", label="Pareto frontier")
     ax.set_xlabel(x_label)

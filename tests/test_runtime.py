@@ -88,7 +88,8 @@ def test_all_configs_resident_over_one_copy_of_each_segment(runtime):
     assert all(runtime.runner(cid) is runners[cid] for cid in SUBSET)  # switching reloads nothing
     stored = set()  # (file, offset) of every weight the loaded segments use
     for key in runtime.backend._segments:
-        graph = onnx.load(runtime.bundle.path(runtime.bundle.manifest["segments"][key]["file"]), load_external_data=False)
+        path = runtime.bundle.path(runtime.bundle.manifest["segments"][key]["file"])
+        graph = onnx.load(path, load_external_data=False)
         for t in graph.graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 info = {e.key: e.value for e in t.external_data}
@@ -348,7 +349,8 @@ def test_accuracy_eval_measures_top1_of_every_config(cli, bundle, v1_net, tmp_pa
     folder = make_image_folder(tmp_path / "images")
     code, out, err = cli("accuracy", bundle, "--eval", folder, "--batch", 4, "--quiet")
     assert code == 0, err
-    x = np.stack([load_image(str(folder / c / f"{i}.png"), (32, 32), 0.875, True) for c in ("cat", "dog") for i in range(3)])
+    x = np.stack([load_image(str(folder / c / f"{i}.png"), (32, 32), 0.875, True)
+                  for c in ("cat", "dog") for i in range(3)])
     labels = np.array([0, 0, 0, 1, 1, 1])
     b = load_bundle(str(bundle))
     for cid in SUBSET:

@@ -28,7 +28,8 @@ class LatencyModel:
                   if abs(x1 - x0) > 0.05 * max(x0, x1)]
         self.scale = statistics.median(slopes) if slopes else 1.0
         self.overhead_ms = statistics.median(y - self.scale * x for x, y in points)
-        self.tail = {q: statistics.median(m[f"{q}_ms"] / m["p50_ms"] for m in measured.values()) for q in ("p90", "p99")}
+        self.tail = {q: statistics.median(m[f"{q}_ms"] / m["p50_ms"] for m in measured.values())
+                     for q in ("p90", "p99")}
 
     def segment_sum(self, config_id: int) -> float:
         return sum(self.segments[key]["p50_ms"] for key in self.routes[config_id])

@@ -42,17 +42,22 @@ class Backend(ABC):
         """Backend, major.minor version and any mode that changes latency: the key's engine part."""
         return self.name + ".".join(self.version.split(".")[:2])
 
+    @property
+    def cli_flags(self) -> str:
+        """Command-line flags that select this backend's variant (for messages that say what to run)."""
+        return ""
+
     @abstractmethod
     def hardware(self) -> str:
         """Slug of the processor or GPU the runners execute on; part of the device key."""
 
     @abstractmethod
     def config_runner(self, config_id: int) -> Runner:
-        """A new runner for one config: ``image`` [batch, C, H, W] -> ``logits``."""
+        """A runner for one config: ``image`` [batch, C, H, W] -> ``logits``; the Runtime keeps it."""
 
     @abstractmethod
     def segment_runner(self, key: str) -> Runner:
-        """A new runner for one segment graph (``x`` -> ``y``), used only to time it."""
+        """A runner for one segment graph (``x`` -> ``y``), used to time it for the latency model."""
 
     def describe(self) -> dict:
         """What the LUT records about how this backend ran (target, options)."""

@@ -33,7 +33,8 @@ _SCHEMA = {
         "version": {"const": VERSION},
         "device_key": {"type": "string"},
         "device": {"type": "object", "required": ["backend", "backend_version", "threads", "precision"]},
-        "bundle": {"type": "object", "required": ["source_sha256"], "properties": {"source_sha256": {"type": "string"}}},
+        "bundle": {"type": "object", "required": ["source_sha256"],
+                   "properties": {"source_sha256": {"type": "string"}}},
         "measured": {"type": "object", "required": ["timer", "warmup", "runs", "batches"]},
         "latency": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": "^[1-9][0-9]*$"},
                     "additionalProperties": {"type": "object", "minProperties": 1,
@@ -110,7 +111,8 @@ def read_lut(bundle: Bundle, device_key: str, bench_hint: str = "") -> Lut:
         with open(path, encoding="utf-8") as f:
             data = json.load(f, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise StitchError(f"{path}: corrupt latency table ({exc}); re-run 'stitch-compile bench {bundle.root}'") from None
+        raise StitchError(f"{path}: corrupt latency table ({exc}); "
+                          f"re-run 'stitch-compile bench {bundle.root}'") from None
     return validate(data, bundle, path, device_key)
 
 

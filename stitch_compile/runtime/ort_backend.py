@@ -72,6 +72,10 @@ class OrtBackend(Backend):
     def engine(self) -> str:
         return super().engine + ("-graphs" if self.mode == "graphs" else "")
 
+    @property
+    def cli_flags(self) -> str:
+        return " --mode graphs" if self.mode == "graphs" else ""
+
     def hardware(self) -> str:
         return cpu_model()
 
@@ -115,6 +119,9 @@ class OrtBackend(Backend):
 
     def config_runner(self, config_id: int) -> Runner:
         if self.mode == "graphs":
+            if str(config_id) not in self.bundle.manifest["targets"][self.target]["graphs"]:
+                raise StitchError(f"{self.bundle.root}: config {config_id} has no {self.target} graph; "
+                                  f"the bundle is tampered")
             graph = self.bundle.graph(self.target, config_id)
             session = self.weights.session(graph, self._options(optimize=self.target != "ort"))
             return lambda x: session.run(["logits"], {"image": x})[0]

@@ -66,7 +66,8 @@ class Runtime:
         """Logits of ``config`` for the image batch ``x`` [batch, C, H, W] (float32)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[1:] != self.input_shape or x.shape[0] < 1:
-            raise StitchError(f"input of shape {list(x.shape)}: this bundle takes [batch, {', '.join(map(str, self.input_shape))}]")
+            shape = ", ".join(map(str, self.input_shape))
+            raise StitchError(f"input of shape {list(x.shape)}: this bundle takes [batch, {shape}]")
         return self.runner(config)(x)
 
     @property
@@ -77,9 +78,7 @@ class Runtime:
         return self._lut
 
     def _bench_hint(self) -> str:
-        mode = getattr(self.backend, "mode", None)
-        return (f" --device {self.backend.device} --threads {self.threads}"
-                + (f" --mode {mode}" if mode and mode != "segments" else ""))
+        return f" --device {self.backend.device} --threads {self.threads}{self.backend.cli_flags}"
 
     def selector(self, metric: str = "p50", batch: int = 1) -> Selector:
         """The selection table for one latency metric and batch size (built once)."""
