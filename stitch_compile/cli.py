@@ -15,7 +15,8 @@ import click
 
 from . import __version__, save_checkpoint, stitch
 from .errors import StitchError
-from .model import describe_route, load
+from .bundle import MANIFEST, load_bundle
+from .model import describe_route, load, pareto_frontier
 from .model.lsinit import read_anchor, read_calibration_images
 
 
@@ -34,19 +35,32 @@ anchors_option = click.option(
 
 
 @cli.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())
 @anchors_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def inspect(checkpoint: str, anchors: str | None, as_json: bool) -> None:
-    """List every stitching configuration of CHECKPOINT: id, route, GFLOPs, params."""
-    net = load(checkpoint, anchors=anchors)
+    """List every config of CHECKPOINT (or of an exported bundle folder): id, route, GFLOPs, params.
+
+    For a bundle whose manifest holds accuracy, configs on the GFLOPs-accuracy Pareto frontier are
+    marked ``*`` (``select --json`` and ``plot`` give the latency frontier of a device).
+    """
+    if os.path.isfile(os.path.join(checkpoint, MANIFEST)):
+        manifest = load_bundle(checkpoint).manifest
+        described = {k: manifest[k] for k in ("family", "anchors", "configs")}
+    else:
+        described = load(checkpoint, anchors=anchors).describe()
+    configs = described["configs"]
+    with_accuracy = {c["id"]: (c["flops"], c["accuracy"]) for c in configs if "accuracy" in c}
+    frontier = set(pareto_frontier(with_accuracy))
     if as_json:
-        click.echo(json.dumps(net.describe()))
+        click.echo(json.dumps({**described, "frontier": sorted(frontier)} if with_accuracy else described))
         return
-    click.echo(f"family {net.family}, {len(net.configs)} configs, anchors: {', '.join(net.anchor_names)}")
-    click.echo(f"{'id':>4}  {'GFLOPs':>8}  {'params(M)':>9}  route")
-    for c in net.configs:
-        click.echo(f"{c.id:>4}  {c.flops / 1e9:>8.3f}  {c.params / 1e6:>9.2f}  {describe_route(c.route)}")
+    names = ", ".join(a["name"] for a in described["anchors"])
+    click.echo(f"family {described['family']}, {len(configs)} configs, anchors: {names}")
+    click.echo(f"{'id':>4}  {'GFLOPs':>8}  {'params(M)':>9}  {'top-1 %' if with_accuracy else '':>7}  route")
+    for c in configs:
+        acc = f"{c['accuracy']:>6.2f}{'*' if c['id'] in frontier else ' '}" if "accuracy" in c else " " * 7
+        click.echo(f"{c['id']:>4}  {c['flops'] / 1e9:>8.3f}  {c['params'] / 1e6:>9.2f}  {acc}  {describe_route(c['route'])}")
 
 
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")

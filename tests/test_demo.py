@@ -52,3 +52,20 @@ def test_wider_anchor_is_more_accurate(demo_run):
     configs = load_bundle(str(out / "bundle")).configs
     anchors = sorted((c for c in configs.values() if len(c["anchors"]) == 1), key=lambda c: c["flops"])
     assert anchors[-1]["accuracy"] > anchors[0]["accuracy"]
+
+
+def test_inspect_marks_the_flops_accuracy_frontier_of_a_bundle(demo_run, capsys):
+    from cli_runner import run_cli
+    from stitch_compile.model import pareto_frontier
+
+    out, _ = demo_run
+    assert run_cli("inspect", out / "bundle", "--json") == 0
+    described = json.loads(capsys.readouterr().out)
+    points = {c["id"]: (c["flops"], c["accuracy"]) for c in described["configs"]}
+    assert described["frontier"] == sorted(pareto_frontier(points))
+    anchors = [c["id"] for c in described["configs"] if len(c["anchors"]) == 1]
+    cheapest = min(anchors, key=lambda a: points[a][0])
+    assert cheapest in described["frontier"]  # nothing is cheaper than the smallest anchor
+    assert run_cli("inspect", out / "bundle") == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert {int(r.split()[0]) for r in rows if "*" in r} == set(described["frontier"])
