@@ -24,8 +24,8 @@ def tolerance(target: dict) -> float:
     return REL_TOL[target.get("precision", "fp32")]
 
 
-def compare(net: StitchableNet, config_id: int, session, rng: np.random.Generator) -> dict:
-    """{"batch_<n>": {"max_abs", "max_rel"}} for one ONNX Runtime session of one config.
+def compare(net: StitchableNet, config_id: int, run, rng: np.random.Generator) -> dict:
+    """{"batch_<n>": {"max_abs", "max_rel"}} for ``run`` (image array -> logits array) of one config.
 
     Relative error is max |out - ref| / max |ref|: logits near zero make element-wise ratios
     meaningless, while the scale of the logits is what a classifier's decision depends on.
@@ -35,7 +35,7 @@ def compare(net: StitchableNet, config_id: int, session, rng: np.random.Generato
         x = rng.standard_normal((batch, *net.input_shape), dtype=np.float32)
         with torch.no_grad():
             ref = net(torch.from_numpy(x), config_id).numpy()
-        got = session.run(["logits"], {"image": x})[0]
+        got = run(x)
         err = float(np.abs(got.astype(np.float64) - ref).max())
         out[f"batch_{batch}"] = {"max_abs": err, "max_rel": err / max(float(np.abs(ref).max()), 1e-12)}
     return out
@@ -51,7 +51,8 @@ def check_target(net: StitchableNet, root: str, graphs: dict[str, str], rng: np.
     shared = SharedWeights(os.path.join(root, "onnx"))
     results = {}
     for cid, rel in tqdm(graphs.items(), desc=f"parity {target}", disable=quiet, file=sys.stderr):
-        results[cid] = compare(net, int(cid), shared.session(os.path.join(root, rel)), rng)
+        session = shared.session(os.path.join(root, rel))
+        results[cid] = compare(net, int(cid), lambda x, s=session: s.run(["logits"], {"image": x})[0], rng)
     return within(results, target, rel_tol)
 
 

@@ -86,23 +86,23 @@ def load_engine(runtime, logger, plan_path: str, graph_path: str):
 
 
 class _EngineSession:
-    """An engine behind the ``run(names, feeds)`` call that parity.compare makes of a session."""
+    """An engine as the ``run(image) -> logits`` callable that parity.compare takes."""
 
     def __init__(self, engine):
         self.context = engine.create_execution_context()
 
-    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        (name, array), = feeds.items()
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        name, output = "image", "logits"  # the bundle graphs' input and output names
         x = torch.from_numpy(array).cuda()
         self.context.set_input_shape(name, tuple(x.shape))
-        y = torch.empty(tuple(self.context.get_tensor_shape(names[0])), dtype=torch.float32, device="cuda")
+        y = torch.empty(tuple(self.context.get_tensor_shape(output)), dtype=torch.float32, device="cuda")
         self.context.set_tensor_address(name, x.data_ptr())
-        self.context.set_tensor_address(names[0], y.data_ptr())
+        self.context.set_tensor_address(output, y.data_ptr())
         stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise StitchError("TensorRT failed to run an engine during the parity check")
         stream.synchronize()
-        return [y.cpu().numpy()]
+        return y.cpu().numpy()
 
 
 def check_engines(net: StitchableNet, root: str, target: dict, rng: np.random.Generator, quiet: bool) -> dict:

@@ -38,21 +38,29 @@ class WeightStore:
         self.size = 0
         self.unique_bytes = 0
 
-    def add(self, array: np.ndarray) -> tuple[str, int, int]:
-        """Store ``array`` (once) and return (file name, offset, length) of its slot."""
-        data = np.ascontiguousarray(array).tobytes()
-        key = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode() + data).digest()
+    def find(self, array: np.ndarray) -> tuple[str, int, int] | None:
+        """(file name, offset, length) of the slot holding exactly ``array``, here or in the base; else None."""
+        return self._find(_content_key(array))
+
+    def _find(self, key: bytes) -> tuple[str, int, int] | None:
         if self.base is not None and key in self.base._slots:
             return (self.base.location, *self.base._slots[key])
         slot = self._slots.get(key)
-        if slot is None:
+        return None if slot is None else (self.location, *slot)
+
+    def add(self, array: np.ndarray) -> tuple[str, int, int]:
+        """Store ``array`` (once) and return (file name, offset, length) of its slot."""
+        key = _content_key(array)
+        found = self._find(key)
+        if found is None:
+            data = np.ascontiguousarray(array).tobytes()
             offset = self._place(len(data))
             self._file.seek(offset)
             self._file.write(data)
-            slot = (offset, len(data))
-            self._slots[key] = slot
+            self._slots[key] = (offset, len(data))
             self.unique_bytes += len(data)
-        return (self.location, *slot)
+            found = (self.location, offset, len(data))
+        return found
 
     def _place(self, length: int) -> int:
         """Offset for a new tensor: first fitting gap for small ones, else the aligned end."""
@@ -85,6 +93,11 @@ class WeightStore:
     def close(self) -> None:
         self._file.truncate(self.size)
         self._file.close()
+
+
+def _content_key(array: np.ndarray) -> bytes:
+    data = np.ascontiguousarray(array).tobytes()
+    return hashlib.sha256(f"{array.dtype.str}{array.shape}".encode() + data).digest()
 
 
 def _align(offset: int, alignment: int) -> int:

@@ -9,28 +9,8 @@ same key, so ``select`` finds the table ``bench`` wrote.
 from __future__ import annotations
 
 import os
-import platform
-import re
 
-_NOISE = re.compile(r"\((r|tm|c)\)|\bcpu\b|\bprocessor\b|@.*$|\b\d+(\.\d+)?\s*ghz\b|\bwith\b.*$|\b\d+-core\b")
-
-
-def slug(text: str, limit: int = 48) -> str:
-    """Lower-case ``text`` to ``[a-z0-9.-]``, words joined by ``-``."""
-    words = re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.")
-    return re.sub(r"-+", "-", words)[:limit].rstrip("-.") or "unknown"
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name without trademarks, clock and core counts (``intel-xeon-platinum-8480c``)."""
-    name = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            name = next((line.split(":", 1)[1] for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    name = name.strip() or platform.processor() or platform.machine()
-    return slug(_NOISE.sub(" ", name.lower()))
+from ..hardware import slug
 
 
 def default_threads() -> int:

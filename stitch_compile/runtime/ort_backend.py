@@ -32,7 +32,7 @@ from ..bundle import Bundle
 from ..errors import StitchError
 from ..ortweights import SharedWeights
 from .backend import Backend, Runner
-from .device import cpu_model
+from ..hardware import cpu_model
 
 MODES = ("segments", "graphs")
 _arena = {"registered": False}
