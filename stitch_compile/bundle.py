@@ -103,8 +103,12 @@ def load_bundle(root: str, check_hashes: bool = False) -> Bundle:
         raise StitchError(f"{manifest_path}: invalid manifest at {where}: {exc.message}") from None
     bundle = Bundle(root, manifest)
     referenced = set(manifest["files"])
-    for target in manifest["targets"].values():
-        referenced.update(target["graphs"].values())
+    for name, target in manifest["targets"].items():
+        if name == "aoti":
+            for build in target["builds"].values():
+                referenced.update([build["constants"], *build["weights"], *build["packages"].values()])
+        else:
+            referenced.update(target["graphs"].values())
     referenced.update(seg["file"] for seg in manifest["segments"].values())
     for rel in sorted(referenced):
         path = bundle.path(rel)

@@ -76,17 +76,22 @@ quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
               help="tensorrt target: engine precision (fp16 adds fp16 graphs over one fp16 weight store).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
               help="tensorrt target: largest batch of the engines' optimisation profile.")
+@click.option("--device", default="cpu", show_default=True,
+              help="aoti target: compile for 'cpu' or 'cuda[:N]' (builds for other devices in --out are kept).")
+@click.option("--jobs", default=None, type=click.IntRange(min=1),
+              help="aoti target: packages compiled in parallel [default: one per two CPUs].")
 @anchors_option
 @quiet_option
 def export(checkpoint: str, out: str | None, targets: str, configs: str, opset: int, precision: str, max_batch: int,
-           anchors: str | None, quiet: bool) -> None:
+           device: str, jobs: int | None, anchors: str | None, quiet: bool) -> None:
     """Compile every config of CHECKPOINT into a bundle, weights stored once, parity-checked."""
     from .export import export as export_bundle
 
     net = load(checkpoint, anchors=anchors)
     out = out or os.path.splitext(checkpoint)[0] + ".bundle"
     bundle = export_bundle(net, out, targets=targets, configs=configs, opset=opset, quiet=quiet,
-                           report=lambda line: click.echo(line, err=True), precision=precision, max_batch=max_batch)
+                           report=lambda line: click.echo(line, err=True), precision=precision, max_batch=max_batch,
+                           device=device, jobs=jobs)
     m = bundle.manifest
     click.echo(f"{out}: {len(m['configs'])} configs, targets {', '.join(m['targets'])}, "
                f"weights {m['weights']['unique_bytes'] / 1e6:.1f} MB stored once, bundle {_bundle_mb(m):.1f} MB")
@@ -153,23 +158,46 @@ def stitch_command(anchor_files: tuple[str, ...], anchors: str | None, calib: st
                f"{layers} stitching layers LS-initialised on {len(images)} images")
 
 
+def _store_runtime_option(ctx: click.Context, param: click.Parameter, value):
+    ctx.meta.setdefault("runtime", {})[param.name] = value
+    return value
+
+
 def runtime_options(command):
-    """--device, --threads, --mode: together with the backend they make the device key of a LUT."""
+    """--backend, --device, --threads and the backend's variant: together they make a LUT's device key.
+
+    The values go to ``_runtime`` through the click context, not each command's signature.
+    """
+    stored = {"expose_value": False, "callback": _store_runtime_option}
     for option in reversed([
-        click.option("--device", default="cpu", show_default=True, help="Where configs run (cpu)."),
+        click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "aoti"]),
+                     help="ONNX Runtime, or the bundle's AOTInductor build for this device (export --targets aoti).",
+                     **stored),
+        click.option("--device", default="cpu", show_default=True, help="Where configs run: cpu, or cuda[:N] (aoti).",
+                     **stored),
         click.option("--threads", default=None, type=click.IntRange(min=1),
-                     help="Intra-op threads [default: the CPUs this process may use]."),
+                     help="Intra-op threads [default: the CPUs this process may use].", **stored),
         click.option("--mode", default="segments", show_default=True, type=click.Choice(["segments", "graphs"]),
-                     help="ort: chain shared per-segment sessions (least memory) or one session per config graph."),
+                     help="ort: chain shared per-segment sessions (least memory) or one session per config graph.",
+                     **stored),
+        click.option("--cuda-graphs", is_flag=True, help="aoti on cuda: capture each config as a CUDA graph per batch size.",
+                     **stored),
     ]):
         command = option(command)
     return command
 
 
-def _runtime(bundle: str, device: str, threads: int | None, mode: str, preload: bool = False):
+def _runtime(bundle: str, preload: bool = False):
+    """The Runtime the ``runtime_options`` of the current command describe."""
     from .runtime import Runtime
 
-    return Runtime(bundle, device=device, threads=threads, preload=preload, mode=mode)
+    o = click.get_current_context().meta["runtime"]
+    if o["backend"] == "ort" and o["cuda_graphs"]:
+        raise StitchError("--cuda-graphs applies to --backend aoti only")
+    if o["backend"] == "aoti" and o["mode"] != "segments":
+        raise StitchError("--mode applies to --backend ort only")
+    options = {"mode": o["mode"]} if o["backend"] == "ort" else {"cuda_graphs": o["cuda_graphs"]}
+    return Runtime(bundle, device=o["device"], backend=o["backend"], threads=o["threads"], preload=preload, **options)
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -194,12 +222,12 @@ metric_option = click.option("--metric", default="p50", show_default=True, type=
                    "and 4 stitched configs) are measured, to calibrate and check the model.")
 @click.option("--configs", default="all", show_default=True, help="'all' or comma-separated config ids to measure.")
 @quiet_option
-def bench_command(bundle: str, device: str, threads: int | None, mode: str, batches: str, runs: int, warmup: int,
+def bench_command(bundle: str, batches: str, runs: int, warmup: int,
                   predict: bool, configs: str, quiet: bool) -> None:
     """Measure every config of BUNDLE on this device; write lut/<device key>.json."""
     from .bench import bench, summary
 
-    lut = bench(_runtime(bundle, device, threads, mode), batches=_ints(batches, "--batch"), runs=runs,
+    lut = bench(_runtime(bundle), batches=_ints(batches, "--batch"), runs=runs,
                 warmup=warmup, configs=configs, predict=predict, quiet=quiet)
     for line in summary(lut):
         click.echo(line)
@@ -212,10 +240,9 @@ def bench_command(bundle: str, device: str, threads: int | None, mode: str, batc
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
 @runtime_options
 @click.option("--json", "as_json", is_flag=True, help="Print the choice and the Pareto frontier as JSON.")
-def select_command(bundle: str, budget_ms: float, metric: str, batch: int, device: str, threads: int | None,
-                   mode: str, as_json: bool) -> None:
+def select_command(bundle: str, budget_ms: float, metric: str, batch: int, as_json: bool) -> None:
     """Print the most accurate config of BUNDLE that fits the budget on this device."""
-    rt = _runtime(bundle, device, threads, mode)
+    rt = _runtime(bundle)
     choice = rt.choice(budget_ms, metric, batch)
     if as_json:
         click.echo(json.dumps({"device_key": rt.device_key, "lut": rt.lut.path,
@@ -240,7 +267,7 @@ def select_command(bundle: str, budget_ms: float, metric: str, batch: int, devic
 @runtime_options
 @quiet_option
 def accuracy_command(bundle: str, results: str | None, folder: str | None, batch: int, crop_pct: float,
-                     no_normalize: bool, device: str, threads: int | None, mode: str, quiet: bool) -> None:
+                     no_normalize: bool, quiet: bool) -> None:
     """Store every config's top-1 accuracy in BUNDLE's manifest (imported or measured)."""
     from .accuracy import evaluate, import_results, store_accuracy
 
@@ -250,7 +277,7 @@ def accuracy_command(bundle: str, results: str | None, folder: str | None, batch
         _, found = import_results(bundle, results)
         click.echo(f"{bundle}: top-1 of {len(found)} configs imported from {results} into manifest.json")
         return
-    rt = _runtime(bundle, device, threads, mode, preload=True)
+    rt = _runtime(bundle, preload=True)
     top1 = evaluate(rt, folder, batch=batch, normalize=not no_normalize, crop_pct=crop_pct, quiet=quiet)
     store_accuracy(rt.bundle, top1, f"measured on {os.path.abspath(folder)} ({rt.device_key})")
     for cid, acc in top1.items():
@@ -265,12 +292,11 @@ def accuracy_command(bundle: str, results: str | None, folder: str | None, batch
 @metric_option
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
 @runtime_options
-def plot_command(bundle: str, out: str, x_axis: str, metric: str, batch: int, device: str, threads: int | None,
-                 mode: str) -> None:
+def plot_command(bundle: str, out: str, x_axis: str, metric: str, batch: int) -> None:
     """Plot every config of BUNDLE (latency or GFLOPs vs accuracy) with the Pareto frontier."""
     from .plot import plot
 
-    rt = _runtime(bundle, device, threads, mode)
+    rt = _runtime(bundle)
     selector = rt.selector(metric, batch) if x_axis == "latency" else None
     click.echo(f"wrote {plot(rt.bundle, out, x_axis, selector, title=rt.device_key if selector else '')}")
 

@@ -286,16 +286,6 @@ def test_cli_options_reuse_and_bad_input(v1_ckpt, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error:") and bad[0] in err[0]
 
 
-@NO_TRT
-def test_cli_targets_all_still_reports_tensorrt_skipped(v1_ckpt, tmp_path, capsys):
-    out = tmp_path / "a"
-    assert run_cli("export", v1_ckpt[0], "--out", out, "--configs", "0", "--targets", "all", "--quiet") == 0
-    err = capsys.readouterr().err
-    assert f"tensorrt: skipped ({unavailable_reason('tensorrt')}; name it in --targets" in err
-    assert not (out / "tensorrt").exists()
-    assert "tensorrt" not in json.loads((out / "manifest.json").read_text())["targets"]
-
-
 def test_python_api_refuses_bad_options_before_any_work(v1_net, tmp_path):
     for options, named in (({"precision": "int8"}, "--precision"), ({"max_batch": 0}, "--max-batch")):
         with pytest.raises(StitchError, match=named):

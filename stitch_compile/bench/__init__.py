@@ -63,10 +63,10 @@ def bench(runtime: Runtime, batches=(1,), runs: int = 50, warmup: int = 10, conf
             segments = {}
             for key in keys:
                 shape = (batch, *manifest["segments"][key]["in_shape"])
-                x = rng.standard_normal(shape, dtype=np.float32)
+                x = runtime.backend.prepare(rng.standard_normal(shape, dtype=np.float32))
                 segments[key] = time_runner(runtime.backend.segment_runner(key), x, warmup, runs)
                 bar.update()
-            x = rng.standard_normal((batch, *runtime.input_shape), dtype=np.float32)
+            x = runtime.backend.prepare(rng.standard_normal((batch, *runtime.input_shape), dtype=np.float32))
             table = {}
             for cid in measured_ids:
                 table[cid] = time_runner(runtime.runner(cid), x, warmup, runs)

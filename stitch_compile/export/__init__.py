@@ -20,7 +20,9 @@ from .. import __version__
 from ..bundle import SCHEMA_VERSION, Bundle, list_files, load_bundle, sha256_file, staging, write_json
 from ..errors import StitchError
 from ..model.network import StitchableNet
+from ..hardware import torch_device
 from . import targets as target_registry
+from .aoti_target import build_aoti, build_key, check_aoti, keep_aoti_builds
 from .compose import compose_config, file_key, prepare_segment, standalone_segment
 from .fp16 import FP16_WEIGHTS, fp16_graphs
 from .ort_target import optimize
@@ -37,13 +39,16 @@ DEFAULT_MAX_BATCH = 8
 
 def export(net: StitchableNet, out: str, targets="onnx", configs="all", opset: int = DEFAULT_OPSET,
            quiet: bool = True, seed: int | None = None, report=print, precision: str = "fp32",
-           max_batch: int = DEFAULT_MAX_BATCH) -> Bundle:
+           max_batch: int = DEFAULT_MAX_BATCH, device: str = "cpu", jobs: int | None = None) -> Bundle:
     """Compile ``configs`` of ``net`` for ``targets`` into the bundle folder ``out``.
 
     Re-running with the same checkpoint, tool version, opset and configs reuses the bundle when
     it already holds the targets asked for. ``report`` receives one line per skipped target.
     ``precision`` and ``max_batch`` (the optimisation profile's largest batch) are the tensorrt
-    target's options.
+    target's options; ``device`` ('cpu' or 'cuda[:N]') is what the aoti target compiles for, with
+    ``jobs`` packages compiled in parallel (default: one per two CPUs).
+    AOTInductor builds for other devices already in ``out`` are kept when the checkpoint and
+    configs are the same.
     """
     build, skipped = target_registry.resolve(targets)
     for name, reason in skipped.items():
@@ -52,7 +57,8 @@ def export(net: StitchableNet, out: str, targets="onnx", configs="all", opset: i
     ids = _config_ids(net, configs)
     source = _source(net)
     key = {"source": source["sha256"], "tool": __version__, "opset": opset, "configs": ids}
-    reused = _up_to_date(out, key, build, trt_options)
+    aoti_key = build_key(torch_device(device)) if "aoti" in build else None
+    reused = _up_to_date(out, key, build, trt_options, aoti_key)
     if reused is not None:
         report(f"{out}: up to date ({', '.join(build)}); nothing to do")
         return reused
@@ -66,8 +72,15 @@ def export(net: StitchableNet, out: str, targets="onnx", configs="all", opset: i
             manifest["targets"]["ort"] = _build_ort(tmp, manifest["targets"]["onnx"]["graphs"], store, quiet)
         if "tensorrt" in build:
             manifest["targets"]["tensorrt"] = _build_tensorrt(tmp, manifest, trt_options, quiet, report)
+        if "aoti" in build:
+            manifest["targets"]["aoti"] = {"builds": dict([build_aoti(net, tmp, list(manifest["segments"]), store,
+                                                                      device, quiet, jobs)])}
         checked = {}  # graphs -> parity: tensorrt's fp32 sources are the onnx graphs, checked once
         for name, target in manifest["targets"].items():
+            if name == "aoti":
+                for bk, entry in target["builds"].items():
+                    parity["targets"][f"aoti:{bk}"] = check_aoti(net, tmp, bk, entry, ids, rng, quiet, FP32_REL_TOL)
+                continue
             if target.get("engines"):
                 parity["targets"][name] = check_engines(net, tmp, target, rng, quiet)
                 continue
@@ -75,6 +88,8 @@ def export(net: StitchableNet, out: str, targets="onnx", configs="all", opset: i
             if graphs not in checked:
                 checked[graphs] = check_target(net, tmp, target["graphs"], rng, name, quiet, tolerance(target))
             parity["targets"][name] = checked[graphs]
+        if "aoti" in build:
+            keep_aoti_builds(out, tmp, key, manifest, parity, report)
         write_json(os.path.join(tmp, "parity.json"), parity)
         manifest.update(source=source, reuse_key=key, files=list_files(tmp))
         write_json(os.path.join(tmp, "manifest.json"), manifest)
@@ -99,7 +114,7 @@ def _source(net: StitchableNet) -> dict:
     return {"file": os.path.basename(path), "sha256": sha256_file(path)}
 
 
-def _up_to_date(out: str, key: dict, build: list[str], trt_options: dict) -> Bundle | None:
+def _up_to_date(out: str, key: dict, build: list[str], trt_options: dict, aoti_key: str | None) -> Bundle | None:
     if not key["source"] or not os.path.isfile(os.path.join(out, "manifest.json")):
         return None
     try:
@@ -108,6 +123,8 @@ def _up_to_date(out: str, key: dict, build: list[str], trt_options: dict) -> Bun
         return None  # a damaged bundle is rebuilt, not reused
     have = bundle.manifest
     if have.get("reuse_key") != key or not set(build) <= set(have["targets"]):
+        return None
+    if aoti_key and aoti_key not in have["targets"]["aoti"]["builds"]:
         return None
     if "tensorrt" in build:
         trt = have["targets"]["tensorrt"]

@@ -9,6 +9,8 @@ its engines belong to the device anyway, so naming it without TensorRT or a GPU 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 
 from ..errors import StitchError
 
@@ -29,7 +31,12 @@ def unavailable_reason(target: str) -> str | None:
         if int(tensorrt.__version__.split(".")[0]) < 10:
             return f"TensorRT {tensorrt.__version__} is installed; weight-stripped engines need 10 or newer"
         return None if torch.cuda.is_available() else "no CUDA GPU is visible"
-    return "not built by this version of stitch-compile yet"
+    if target == "aoti":
+        from torch._inductor import config
+
+        compiler = os.environ.get("CXX") or config.cpp.cxx[-1] or "g++"
+        return None if shutil.which(compiler) else f"no C++ compiler ({compiler}) on PATH; AOTInductor needs one"
+    raise StitchError(f"unknown target {target!r}")
 
 
 def resolve(requested: str | list[str] | tuple[str, ...]) -> tuple[list[str], dict[str, str]]:

@@ -9,6 +9,8 @@ import numpy as np
 from ..bundle import load_bundle, sha256_file
 from ..errors import StitchError
 from ..model.network import StitchableNet
+from ..hardware import torch_device
+from .aoti_target import build_key, check_aoti
 from .parity import check_target, tolerance, worst_rel
 
 
@@ -22,7 +24,7 @@ def verify_bundle(root: str, net: StitchableNet | None = None, quiet: bool = Tru
     with open(bundle.path("parity.json"), encoding="utf-8") as f:
         recorded = json.load(f)
     ids = {str(c["id"]) for c in m["configs"]}
-    for name, target in m["targets"].items():
+    for name, target in _parity_targets(m):
         entries = recorded.get("targets", {}).get(name, {})
         if set(entries) != ids:
             raise StitchError(f"{root}: parity.json does not cover every {name} config; the bundle is tampered")
@@ -35,8 +37,31 @@ def verify_bundle(root: str, net: StitchableNet | None = None, quiet: bool = Tru
         if source and getattr(net, "source_path", None) and sha256_file(net.source_path) != source:
             raise StitchError(f"{root}: the checkpoint given is not the one this bundle was exported from (sha256 differs)")
         rng = np.random.default_rng()
-        for name, target in m["targets"].items():
-            fresh = check_target(net, root, target["graphs"], rng, name, quiet, tolerance(target))
+        for name, target in _parity_targets(m):
+            if name.startswith("aoti:"):
+                key = name.split(":", 1)[1]
+                if not _runs_here(key, target):
+                    lines.append(f"{name}: built for another device; parity not re-run here")
+                    continue
+                fresh = check_aoti(net, root, key, target, [int(i) for i in ids], rng, quiet, tolerance(target))
+            else:
+                fresh = check_target(net, root, target["graphs"], rng, name, quiet, tolerance(target))
             lines.append(f"{name}: parity re-run on fresh inputs, worst relative error "
                          f"{max(worst_rel(e) for e in fresh.values()):.2e}")
     return lines
+
+
+def _parity_targets(manifest: dict):
+    """(name in parity.json, manifest entry): each aoti build is checked on its own."""
+    for name, target in manifest["targets"].items():
+        if name == "aoti":
+            yield from ((f"aoti:{key}", build) for key, build in target["builds"].items())
+        else:
+            yield name, target
+
+
+def _runs_here(key: str, build: dict) -> bool:
+    try:
+        return build_key(torch_device(build["device"])) == key
+    except StitchError:  # e.g. a CUDA build on a machine without a GPU
+        return False

@@ -20,7 +20,8 @@ from ..errors import StitchError
 Runner = Callable[[np.ndarray], np.ndarray]
 
 # name -> "module:class", imported on first use so unused engines are never loaded
-BACKENDS = {"ort": "stitch_compile.runtime.ort_backend:OrtBackend"}
+BACKENDS = {"ort": "stitch_compile.runtime.ort_backend:OrtBackend",
+            "aoti": "stitch_compile.runtime.aoti_backend:AotiBackend"}
 
 
 class Backend(ABC):
@@ -62,6 +63,10 @@ class Backend(ABC):
     def describe(self) -> dict:
         """What the LUT records about how this backend ran (target, options)."""
         return {}
+
+    def prepare(self, x: np.ndarray):
+        """``x`` as runners take it fastest (e.g. already on the GPU); bench times runners on this."""
+        return x
 
 
 def create_backend(name: str, bundle: Bundle, device: str, threads: int, **options) -> Backend:

@@ -1,0 +1,133 @@
+"""AOTInductor backend: every config resident as a chain of compiled segment packages.
+
+The bundle's ``aoti`` build for this device (``export --targets aoti --device ...``) holds one
+package per segment architecture and no weights; each segment is loaded once, its constants set to
+views of the one copy of the weights (``aotiweights``), and a config runs as the chain of its
+route, so switching configs loads nothing. On CUDA, ``cuda_graphs=True`` captures each config's
+chain once per batch size (on first use) and replays it: one launch instead of one per kernel.
+
+Runners take a numpy array (returned as numpy) or a torch tensor on the device (returned as a
+device tensor after the stream is synchronised, which is what ``bench`` times).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from ..aotiweights import AotiPackages, build_key, torch_minor
+from ..bundle import Bundle
+from ..errors import StitchError
+from ..hardware import hardware_model, torch_device
+from .backend import Backend, Runner
+
+
+class AotiBackend(Backend):
+    name = "aoti"
+
+    def __init__(self, bundle: Bundle, device: str, threads: int, cuda_graphs: bool = False):
+        super().__init__(bundle, device, threads)
+        self.torch_device = torch_device(device)
+        if cuda_graphs and self.torch_device.type != "cuda":
+            raise StitchError("--cuda-graphs: CUDA graphs need a CUDA device")
+        builds = bundle.manifest["targets"].get("aoti", {}).get("builds", {})
+        self.build_key = build_key(self.torch_device)
+        if self.build_key not in builds:
+            have = ", ".join(builds) or "none"
+            raise StitchError(f"{bundle.root}: no AOTInductor build for this device ({self.build_key}; the bundle "
+                              f"has: {have}); run 'stitch-compile export CHECKPOINT --targets aoti --device {device} "
+                              f"--out {bundle.root}' on this machine")
+        self.max_batch = builds[self.build_key]["max_batch"]
+        self.packages = AotiPackages(bundle.root, self.build_key, builds[self.build_key], self.torch_device,
+                                     single_threaded=cuda_graphs)  # graph runs are serialised by _Graphed
+        self.cuda_graphs = cuda_graphs
+        if self.torch_device.type == "cpu":
+            torch.set_num_threads(threads)  # AOTInductor's CPU kernels use torch's (OpenMP) intra-op pool
+
+    @property
+    def version(self) -> str:
+        return torch_minor()
+
+    @property
+    def engine(self) -> str:
+        return super().engine + ("-graphs" if self.cuda_graphs else "")
+
+    @property
+    def cli_flags(self) -> str:
+        return " --backend aoti" + (" --cuda-graphs" if self.cuda_graphs else "")
+
+    def hardware(self) -> str:
+        return hardware_model(self.torch_device)
+
+    def describe(self) -> dict:
+        return {"build": self.build_key, "cuda_graphs": self.cuda_graphs,
+                "input": "tensor already on the device" if self.torch_device.type == "cuda" else "host tensor"}
+
+    def prepare(self, x: np.ndarray):
+        return torch.from_numpy(x).to(self.torch_device)
+
+    def segment_runner(self, key: str) -> Runner:
+        return self._runner([key])
+
+    def config_runner(self, config_id: int) -> Runner:
+        return self._runner(list(self.bundle.config(config_id)["route"]))
+
+    def _runner(self, route: list[str]) -> Runner:
+        device, cuda = self.torch_device, self.torch_device.type == "cuda"
+        run = self.packages.chain(route)
+        if self.cuda_graphs:
+            run = _Graphed(run, device)
+
+        def runner(x):
+            if x.shape[0] > self.max_batch:
+                raise StitchError(f"batch {x.shape[0]}: this AOTInductor build takes batches of 1 to {self.max_batch}")
+            if isinstance(x, np.ndarray):
+                return run(torch.from_numpy(x).to(device)).cpu().numpy()
+            y = run(x.to(device))
+            if cuda:
+                torch.cuda.current_stream(device).synchronize()
+            return y
+
+        return runner
+
+
+class _Graphed:
+    """One config's chain captured as a CUDA graph per batch size, replayed under one lock.
+
+    All graphs of a device share one memory pool, so they never run concurrently (one lock for
+    all), and outputs are cloned right after replay: a later replay may reuse the pool without
+    clobbering anything a caller holds.
+    """
+
+    _pools: dict = {}
+    _lock = threading.Lock()
+
+    def __init__(self, chain, device: torch.device):
+        self.chain, self.device = chain, device
+        self.graphs: dict[int, tuple] = {}
+
+    def _capture(self, x: torch.Tensor) -> tuple:
+        pool = self._pools.setdefault(self.device, torch.cuda.graph_pool_handle())
+        static_in = x.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up off the capture: lazy initialisation must not be recorded
+                self.chain(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            static_out = self.chain(static_in)
+        return graph, static_in, static_out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            entry = self.graphs.get(x.shape[0])
+            if entry is None:
+                entry = self.graphs[x.shape[0]] = self._capture(x)
+            graph, static_in, static_out = entry
+            static_in.copy_(x)
+            graph.replay()
+            return static_out.clone()
