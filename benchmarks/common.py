@@ -13,12 +13,12 @@ from stitch_compile.model.families.snnet_v1 import stitch_positions
 DEIT = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
 
 
-def deit_snnet_checkpoint(path: str, seed: int = 0) -> str:
-    """Write (once) an SN-Net v1 DeiT Ti/S/B checkpoint in the public layout; 71 configs."""
+def deit_snnet_checkpoint(path: str, seed: int = 0, anchors: int = 3) -> str:
+    """Write (once) an SN-Net v1 checkpoint of DeiT Ti/S/B (71 configs) or Ti/S in the public layout."""
     if os.path.exists(path):
         return path
     torch.manual_seed(seed)
-    anchors = [timm.create_model(name, pretrained=False) for name in DEIT]
+    anchors = [timm.create_model(name, pretrained=False) for name in DEIT[:anchors]]
     state = {f"anchors.{a}.{k}": v for a, m in enumerate(anchors) for k, v in m.state_dict().items()}
     _, _, n_layers = stitch_positions(len(anchors[0].blocks))
     for p in range(len(anchors) - 1):
