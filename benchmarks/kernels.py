@@ -9,7 +9,7 @@ measured in the same run. Ratios above 1 mean the fused kernel is faster.
 Goal (issue 6), at batch 64: fused >= 1.2x eager and >= 1.0x torch.compile.
 
     python benchmarks/kernels.py --check            # verify on the GPU, then time
-    python benchmarks/kernels.py --sweep --batch 64 # also time every row tile (tunes stitch_ln.tiling)
+    python benchmarks/kernels.py --sweep --batch 64 # also time every tiling (tunes stitch_ln.tiling)
 """
 
 from __future__ import annotations
@@ -99,20 +99,20 @@ def traffic_bytes(batch: int, ca: int, cb: int, dtype: torch.dtype) -> int:
 
 
 def sweep(timer: Timer, inputs: list[torch.Tensor]) -> str:
-    """Time the kernel at every row tile that fits the register budget; '*' marks the default."""
+    """Time the kernel at every row tile x column chunk within the budgets; '*' marks the default."""
     from stitch_compile.kernels import stitch_ln
 
     x, weight = inputs[0].reshape(-1, inputs[0].shape[-1]), inputs[1]
-    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device="cuda")
+    (m, ca), cb = x.shape, weight.shape[0]
+    out = torch.empty((m, cb), dtype=x.dtype, device="cuda")
     normed = torch.empty_like(out)
-    default = stitch_ln.tiling(*weight.shape[::-1], x.dtype).block_m
+    default = stitch_ln.tiling(m, ca, cb, x.dtype)
     parts = []
-    for block_m in (16, 32, 64, 128):
-        if block_m * stitch_ln.tiling(*weight.shape[::-1], x.dtype, block_m).block_n > 2 * stitch_ln.ACC_BUDGET:
-            continue
-        ms = timer(lambda: stitch_ln.launch(x, weight, *inputs[2:], EPS, out, normed, block_m=block_m))
-        parts.append(f"{block_m}{'*' if block_m == default else ''}:{ms * 1e3:.1f}us")
-    return "  block_m " + " ".join(parts)
+    for t in stitch_ln.candidates(ca, x.dtype):
+        ms = timer(lambda: stitch_ln.launch(x, weight, *inputs[2:], EPS, out, normed, block_m=t.block_m, block_n=t.block_n))
+        star = "*" if (t.block_m, t.block_n) == (default.block_m, default.block_n) else ""
+        parts.append(f"{t.block_m}x{t.block_n}{star}:{ms * 1e3:.1f}")
+    return "  us at BLOCK_MxBLOCK_N " + " ".join(parts)
 
 
 def main() -> int:
@@ -123,7 +123,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the baseline")
     parser.add_argument("--check", action="store_true", help="verify correctness on the GPU first; exit 1 on failure")
-    parser.add_argument("--sweep", action="store_true", help="also time each row tile of the fused kernel")
+    parser.add_argument("--sweep", action="store_true", help="also time every BLOCK_M x BLOCK_N of the fused kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: no CUDA device (torch.cuda.is_available() is False); run it on a machine with an NVIDIA GPU",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from stitch_compile.errors import StitchError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_KERNEL_CB = 2048  # a whole row of Cb lives in registers (spill-free up to 1024, see stitch_ln)
+MAX_KERNEL_CB = 2048  # the widest stitching layer tested; the kernel walks Cb in column chunks
 MAX_KERNEL_ELEMENTS = 2**31  # the kernel indexes with int32
 
 

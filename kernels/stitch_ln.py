@@ -1,15 +1,21 @@
 """Triton kernel: a stitching layer ``out = x W^T + b`` with the next block's LayerNorm as epilogue.
 
-Why fuse: unfused, the GEMM writes the stitched residual stream ``out``, LayerNorm reads it back
-and writes the normalised copy: three passes over a [tokens, Cb] tensor. Here each program owns
-``BLOCK_M`` full rows (all Cb columns), so the LayerNorm statistics come from the accumulator in
-registers and ``out`` is written once and never re-read: one pass over ``out``.
+Each program owns ``BLOCK_M`` rows and walks their Cb columns in ``BLOCK_N`` chunks, twice:
 
-This module only launches; shape, dtype and device checks live in ``ops`` (the public entry).
+1. per chunk, the GEMM (``tl.dot`` over ``BLOCK_K`` steps, fp32 accumulation), plus bias, rounded to
+   the stream's dtype and stored as ``out``; the chunk's row statistics (from those rounded values,
+   still in registers) are merged into running (mean, M2) with Chan's parallel formula;
+2. per chunk, the ``out`` chunk this program just wrote is read back (hot in L2), normalised, scaled
+   and stored as ``normed``.
+
+So ``out`` is written once and read once from L2, never from DRAM, and the register tile is
+``BLOCK_M x BLOCK_N`` whatever Cb is: the row tile stays large enough to feed tensor cores and to
+read W from L2 only ``M / BLOCK_M`` times. This module only launches; checks live in ``ops``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -17,14 +23,18 @@ import triton
 import triton.language as tl
 
 # Budgets checked offline by compiling for sm_80 and sm_90 (tests/test_kernels.py, slow): with
-# them no family shape spills a register and shared memory stays under 100 KB.
-ACC_BUDGET = 16384  # fp32 accumulators per program (BLOCK_M x BLOCK_N); 32768 spilled at 8 warps
+# them no tiling spills a register and shared memory stays within an A100's 163 KB. The epilogue
+# keeps about three BLOCK_M x BLOCK_N fp32 tiles live (accumulator, centred values, stores), so a
+# thread holds at most 64 accumulators (128x128 or 64x256 at 8 warps); fp32's FMA dot (no tensor
+# cores) also holds its operands in registers and gets half. Above half the budget: 8 warps.
+ACC_BUDGET = {torch.float16: 16384, torch.bfloat16: 16384, torch.float32: 8192}  # BLOCK_M x BLOCK_N
 TILE_BYTES = 128 * 1024  # bound on NUM_STAGES x BLOCK_K x (BLOCK_M + BLOCK_N) operand bytes
-NUM_STAGES = 2
+NUM_STAGES = 3
+PROGRAMS = 132  # about one program per SM of an H100 / H200 (an A100 has 108)
 
 
 class Tiling(NamedTuple):
-    """Launch parameters; ``block_n`` always covers all of Cb (the whole-row design)."""
+    """Launch parameters: row tile, column chunk, K step, warps, pipeline depth."""
 
     block_m: int
     block_n: int
@@ -33,20 +43,35 @@ class Tiling(NamedTuple):
     num_stages: int
 
 
-def tiling(ca: int, cb: int, dtype: torch.dtype, block_m: int | None = None) -> Tiling:
+@functools.lru_cache(maxsize=256)
+def tiling(m: int, ca: int, cb: int, dtype: torch.dtype, block_m: int | None = None,
+           block_n: int | None = None) -> Tiling:
     """Pick tiles from the shape alone (no autotuning: deterministic, and runs in the interpreter).
 
-    ``block_m`` overrides the row tile; the benchmark sweeps it to tune this rule on a GPU.
+    ``block_m``: the largest of 128/64/32/16 that still gives ``PROGRAMS`` programs (small batches
+    get small tiles and more programs). ``block_n``: the chunk of at most 128 columns within
+    ``ACC_BUDGET`` that pads Cb least (largest on ties): on an H200 at batch 64, 64 x 128 was the
+    fastest swept tiling in fp16 and bf16 (docs/kernels.md). ``block_m`` / ``block_n`` override
+    the rule; the benchmark sweeps them to tune it on a GPU.
     """
-    block_n = max(16, triton.next_power_of_2(cb))  # tl.dot needs every tile side >= 16
     if block_m is None:
-        block_m = max(16, min(64, ACC_BUDGET // block_n))
-    block_k = 64
+        block_m = next((b for b in (128, 64, 32) if triton.cdiv(m, b) >= PROGRAMS), 16)
+    if block_n is None:
+        fits = [b for b in (128, 64, 32, 16) if block_m * b <= ACC_BUDGET[dtype]]
+        block_n = min(fits, key=lambda b: (triton.cdiv(cb, b) * b, -b))
+    block_k = 128 // dtype.itemsize  # 64 for 16-bit; fp32 FMA dot operands live in registers
     while block_k > 16 and NUM_STAGES * block_k * (block_m + block_n) * dtype.itemsize > TILE_BYTES:
         block_k //= 2
     block_k = min(block_k, max(16, triton.next_power_of_2(ca)))
-    num_warps = 8 if block_m * block_n >= 8192 else 4
+    num_warps = 8 if 2 * block_m * block_n >= ACC_BUDGET[dtype] else 4
     return Tiling(block_m, block_n, block_k, num_warps, NUM_STAGES)
+
+
+def candidates(ca: int, dtype: torch.dtype) -> list[Tiling]:
+    """Every row tile x column chunk of 4096 accumulators or more within the budgets: what the
+    benchmark sweeps and the slow test compiles, so any of them can become the default."""
+    return [tiling(0, ca, 0, dtype, bm, bn) for bm in (16, 32, 64, 128) for bn in (64, 128, 256)
+            if 4096 <= bm * bn <= ACC_BUDGET[dtype]]
 
 
 @triton.jit
@@ -57,67 +82,92 @@ def _stitch_ln_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
     row_ok = rows < M
-    col_ok = cols < CB
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    out_rows = rows[:, None] * CB
+    ks = tl.arange(0, BLOCK_K)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, CA, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < CA
-        a = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + k[:, None] * stride_wk + cols[None, :] * stride_wn,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+    # Pass 1: out chunk by chunk. Statistics are of (out - shift), shift = the first chunk's row
+    # mean: with |mean| >> std the centred values keep their precision, and so does `normed`.
+    shift = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, CB, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < CB
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, CA, BLOCK_K):
+            k = k0 + ks
+            k_ok = k < CA
+            a = tl.load(x_rows + k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + k[:, None] * stride_wk + cols[None, :] * stride_wn,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        # Round first: `normed` is then exactly LayerNorm of the stored `out`, as unfused.
+        out = (acc + bias[None, :]).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + out_rows + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
 
-    bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    # Round to the stream's dtype first: `normed` is then exactly LayerNorm of the stored `out`,
-    # as in the unfused model.
-    out = (acc + bias[None, :]).to(out_ptr.dtype.element_ty)
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None] * CB + cols[None, :]
-    tl.store(out_ptr + offs, out, mask=mask)
+        y = tl.where(col_ok[None, :], out.to(tl.float32), 0.0)
+        count = tl.minimum(CB - n0, BLOCK_N).to(tl.float32)
+        if n0 == 0:
+            shift = tl.sum(y, axis=1) / count
+        d = tl.where(col_ok[None, :], y - shift[:, None], 0.0)
+        chunk_mean = tl.sum(d, axis=1) / count
+        c = tl.where(col_ok[None, :], d - chunk_mean[:, None], 0.0)
+        # Chan et al.: merge (n0, mean, m2) with (count, chunk_mean, sum c^2). Never sum/sumsq,
+        # whose difference cancels catastrophically when |mean| >> std.
+        total = n0 + count
+        delta = chunk_mean - mean
+        mean += delta * (count / total)
+        m2 += tl.sum(c * c, axis=1) + delta * delta * (n0 * count / total)
+    rstd = 1.0 / tl.sqrt(m2 / CB + eps)
 
-    y = tl.where(mask, out.to(tl.float32), 0.0)  # padded columns stay out of the statistics
-    mean = tl.sum(y, axis=1) / CB
-    centred = tl.where(col_ok[None, :], y - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / CB + eps)
-    gamma = tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    normed = centred * rstd[:, None] * gamma[None, :] + beta[None, :]
-    tl.store(normed_ptr + offs, normed.to(normed_ptr.dtype.element_ty), mask=mask)
+    # Pass 2: other threads of this program wrote the chunks; the barrier makes them visible.
+    tl.debug_barrier()
+    for n0 in range(0, CB, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < CB
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = out_rows + cols[None, :]
+        y = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gamma = tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        normed = ((y - shift[:, None]) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+        tl.store(normed_ptr + offs, normed.to(normed_ptr.dtype.element_ty), mask=mask)
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,
            ln_bias: torch.Tensor, eps: float, out: torch.Tensor, normed: torch.Tensor,
-           block_m: int | None = None) -> None:
+           block_m: int | None = None, block_n: int | None = None) -> None:
     """Write into caller-owned contiguous ``out`` and ``normed`` [M, Cb] for validated 2-D ``x``.
 
-    Caller-owned buffers let tests poison them and the benchmark sweep ``block_m``. fp32 follows
+    Caller-owned buffers let tests poison them and the benchmark sweep the tiles. fp32 follows
     torch's TF32 switch for matmuls, so fused and unfused agree on precision.
     """
     m, ca = x.shape
-    cb = weight.shape[0]
     if m == 0:
         return
-    t = tiling(ca, cb, x.dtype, block_m)
+    cb = weight.shape[0]
+    t = tiling(m, ca, cb, x.dtype, block_m, block_n)
     ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    with torch.cuda.device_of(x):  # Triton launches on the current device, not x's
-        _stitch_ln_kernel[(triton.cdiv(m, t.block_m),)](
-            x, weight, bias.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(), out, normed,
-            m, ca, cb, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), eps,
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-            INPUT_PRECISION="ieee" if ieee else "tf32",  # tf32, Triton's default, only affects fp32
-            num_warps=t.num_warps, num_stages=t.num_stages,
-        )
+    args = (x, weight, bias.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(), out, normed,
+            m, ca, cb, *x.stride(), *weight.stride(), eps)
+    kwargs = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
+              "INPUT_PRECISION": "ieee" if ieee else "tf32",  # tf32, Triton's default, only affects fp32
+              "num_warps": t.num_warps, "num_stages": t.num_stages}
+    grid = (triton.cdiv(m, t.block_m),)
+    if x.device.type != "cuda" or x.device.index == torch.cuda.current_device():
+        _stitch_ln_kernel[grid](*args, **kwargs)
+    else:
+        with torch.cuda.device_of(x):  # Triton launches on the current device, not x's
+            _stitch_ln_kernel[grid](*args, **kwargs)
 
 
 def stitch_linear_ln(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,
                      ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, LayerNorm(out))`` as new contiguous [M, Cb] tensors for validated 2-D ``x`` [M, Ca]."""
-    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    out = x.new_empty((x.shape[0], weight.shape[0]))
     normed = torch.empty_like(out)
     launch(x, weight, bias, ln_weight, ln_bias, eps, out, normed)
     return out, normed

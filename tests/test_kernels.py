@@ -119,19 +119,21 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 
 
-def run_poisoned(kernel, t: dict[str, torch.Tensor], guard: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch into NaN-poisoned buffers with ``guard`` extra rows that must stay NaN."""
+def run_poisoned(kernel, t: dict[str, torch.Tensor], guard: int = 5, **tiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch into NaN-poisoned buffers with ``guard`` extra rows that must stay NaN.
+
+    ``tiles`` (``block_m``, ``block_n``) override ``tiling``'s choice."""
     m, cb = t["x"].shape[0], t["weight"].shape[0]
     bufs = [torch.full((m + guard, cb), float("nan"), dtype=t["x"].dtype, device=t["x"].device) for _ in range(2)]
-    kernel.launch(t["x"], t["weight"], t["bias"], t["ln_weight"], t["ln_bias"], EPS, bufs[0][:m], bufs[1][:m])
+    kernel.launch(t["x"], t["weight"], t["bias"], t["ln_weight"], t["ln_bias"], EPS, bufs[0][:m], bufs[1][:m], **tiles)
     for buf in bufs:
         assert buf[m:].isnan().all(), "kernel wrote past the last row"
     return bufs[0][:m], bufs[1][:m]
 
 
-def check_kernel(kernel, gen, m, ca, cb, dtype, device="cpu", layout=lambda t: t):
+def check_kernel(kernel, gen, m, ca, cb, dtype, device="cpu", layout=lambda t: t, **tiles):
     t = layout({k: v.to(device) for k, v in make_inputs(gen, m, ca, cb, dtype).items()})
-    out, normed = run_poisoned(kernel, t)
+    out, normed = run_poisoned(kernel, t, **tiles)
     want_out, want_normed = reference(t)
     assert not out.isnan().any() and not normed.isnan().any(), "some output element was never written"
     assert rel_err(out, want_out) < TOLERANCE[dtype]
@@ -169,6 +171,32 @@ def test_interp_empty_input(kernel):
     assert out.shape == normed.shape == (0, 72)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@interpreted
+def test_interp_column_chunks(kernel, gen, bf16_dot, dtype):
+    """Cb = 200 in chunks of 64 (the last one 8 columns wide), 2 row tiles with a ragged last one."""
+    check_kernel(kernel, gen, 23, 40, 200, dtype, block_m=16, block_n=64)
+
+
+@pytest.mark.parametrize("tiles", [{}, {"block_m": 16, "block_n": 64}], ids=["default", "chunked"])
+@interpreted
+def test_interp_mean_heavy_rows(kernel, gen, tiles):
+    """Rows of `out` with mean ~1e3 and std ~1: a sum / sum-of-squares variance cancels here
+    (checked below on the same values), the kernel's shifted Chan merge meets the fp32 limit."""
+    t = make_inputs(gen, 37, 40, 200, torch.float32)
+    t["bias"] += 1e3
+    out, normed = run_poisoned(kernel, t, **tiles)
+    assert rel_err(out, reference(t)[0]) < TOLERANCE[torch.float32]
+    # normed is LayerNorm of the stored (rounded) out: compare with exactly that, in float64
+    d = {k: v.double() for k, v in t.items()}
+    want = F.layer_norm(out.double(), (200,), d["ln_weight"], d["ln_bias"], EPS)
+    assert rel_err(normed, want) < TOLERANCE[torch.float32]
+    naive_var = (out * out).mean(1) - out.mean(1) ** 2
+    naive = (out - out.mean(1, keepdim=True)) / (naive_var.clamp_min(0)[:, None] + EPS).sqrt()
+    naive = naive * t["ln_weight"] + t["ln_bias"]
+    assert rel_err(naive, want) > 10 * TOLERANCE[torch.float32], "input too easy to tell the formulas apart"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("ca,cb", FAMILY_SHAPES)
@@ -177,21 +205,40 @@ def test_interp_family_shapes(kernel, gen, bf16_dot, ca, cb, dtype):
     check_kernel(kernel, gen, 197, ca, cb, dtype)
 
 
-def test_tiling_covers_whole_rows():
+BATCH_ROWS = [197, 8 * 197, 64 * 197]  # M at batch 1, 8 and 64
+
+
+def default_tilings(dtype) -> set:
+    """Every tiling the family shapes get by default at batch 1, 8 and 64 (shape enters only here)."""
     from stitch_compile.kernels.stitch_ln import tiling
 
-    for ca, cb in [(40, 72), (192, 384), (384, 768), (384, 1024), (1024, 384), (24, 8)]:
-        for dtype in DTYPES:
-            t = tiling(ca, cb, dtype)
-            assert t.block_n >= max(cb, 16) and t.block_m >= 16 and 16 <= t.block_k <= 64
+    return {tiling(m, ca, cb, dtype) for m in BATCH_ROWS for ca, cb in FAMILY_SHAPES}
+
+
+def test_tiling_within_budgets():
+    from triton import cdiv
+
+    from stitch_compile.kernels.stitch_ln import ACC_BUDGET, PROGRAMS, TILE_BYTES, tiling
+
+    for ca, cb in [(40, 72), (40, 200), (24, 8)] + FAMILY_SHAPES:
+        for m in [1, 17] + BATCH_ROWS:
+            for dtype in DTYPES:
+                t = tiling(m, ca, cb, dtype)
+                assert t.block_m in (16, 32, 64, 128) and 16 <= t.block_n <= 128 and 16 <= t.block_k <= 64
+                assert t.block_m * t.block_n <= ACC_BUDGET[dtype]
+                assert t.num_stages * t.block_k * (t.block_m + t.block_n) * dtype.itemsize <= TILE_BYTES
+                assert t.block_m == 16 or cdiv(m, t.block_m) >= PROGRAMS, "too few programs for the SMs"
+    assert tiling(64 * 197, 384, 1024, torch.float16).block_m >= 64, "batch 64 must get tensor-core sized row tiles"
+    assert tiling(197, 384, 384, torch.float16).block_n == 128, "Cb = 384: three unpadded chunks"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="compiles the real kernel")
 @pytest.mark.parametrize("arch", [80, 90])
 def test_compiles_for_gpus_without_spills(arch, tmp_path):
-    """No GPU needed: Triton compiles for an A100 / H100 target and cuobjdump reports the cubin's
-    register spills (STACK) and shared memory, the first things that would break on a real card."""
+    """No GPU needed: Triton compiles every default and swept tiling for an A100 / H100 target and
+    cuobjdump reports the cubin's register spills (STACK) and shared memory, the first things that
+    would break on a real card."""
     import re
 
     import triton
@@ -199,13 +246,14 @@ def test_compiles_for_gpus_without_spills(arch, tmp_path):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from stitch_compile.kernels.stitch_ln import _stitch_ln_kernel, tiling
+    from stitch_compile.kernels.stitch_ln import _stitch_ln_kernel, candidates
 
     for dtype in DTYPES:
-        for ca, cb in FAMILY_SHAPES:
-            t = tiling(ca, cb, dtype)
+        tilings = default_tilings(dtype) | {t for ca, _ in FAMILY_SHAPES for t in candidates(ca, dtype)}
+        for t in sorted(tilings):
             constexprs = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
-                          "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+                          "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+                          "stride_xk": 1, "stride_wk": 1}  # a launch makes int arguments equal to 1 constexpr
             pointer = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
             signature = {name: "constexpr" if name in constexprs else pointer if name.endswith("_ptr")
                          else "fp32" if name == "eps" else "i32" for name in _stitch_ln_kernel.arg_names}
@@ -219,9 +267,9 @@ def test_compiles_for_gpus_without_spills(arch, tmp_path):
             cubin.write_bytes(compiled.asm["cubin"])
             usage = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", str(cubin)],
                                    capture_output=True, text=True, check=True).stdout
-            where = f"sm_{arch} {dtype} {ca}->{cb} {t}"
+            where = f"sm_{arch} {dtype} {t}"
             assert int(re.search(r"STACK:(\d+)", usage).group(1)) == 0, f"{where} spills registers: {usage}"
-            assert compiled.metadata.shared <= 100 * 1024, f"{where} needs {compiled.metadata.shared} B of shared memory"
+            assert compiled.metadata.shared <= 160 * 1024, f"{where} needs {compiled.metadata.shared} B of shared memory"
 
 
 # ---- the custom op ------------------------------------------------------------------------------
