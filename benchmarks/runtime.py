@@ -1,16 +1,17 @@
-"""Runtime benchmark: memory, switch time, ONNX Runtime vs PyTorch eager, latency-model error.
+"""Runtime benchmark: memory, switch time, ONNX Runtime and AOTInductor vs PyTorch eager, latency model.
 
     python benchmarks/runtime.py [--work DIR] [--runs 20] [--warmup 3] [--configs all|0,1,2,...]
 
 On a DeiT Ti/S/B SN-Net with random weights (real architecture, 71 configs, 224 px), exported
-once to --work with the onnx and ort targets, it measures, printing ratios against baselines
-measured in the same run:
-  1. memory: RSS growth of a process holding every config (each mode in a fresh process), against
+once to --work with the onnx, ort and aoti (CPU) targets, it measures, printing ratios against
+baselines measured in the same run:
+  1. memory: RSS growth of a process holding every config (each ORT mode and the AOTInductor
+     backend in a fresh process), against
      the unique weight bytes and against 71 independent plain ONNX Runtime sessions (estimated
      from a sample of configs, scaled by their weight bytes);
   2. switch time: ``rt.runner(rt.select(budget))`` with a different budget each call, in
      microseconds, against one inference of the fastest config;
-  3. latency per config, ONNX Runtime (segments mode, and graphs mode) against PyTorch eager, one
+  3. latency per config, ONNX Runtime (segments and graphs mode) and AOTInductor against eager, one
      block of runs per engine back to back for each config, so they see about the same load;
   4. the latency model: segments and every config timed in the same interleaved rounds; the model
      fitted on the anchors + 4 configs predicts the others (error on the configs it did not see).
@@ -56,9 +57,9 @@ def child_memory(bundle_dir: str, what: str, sample: list[int]) -> dict:
     bundle = load_bundle(bundle_dir)
     x = np.zeros((1, *bundle.manifest["input"]["shape"][1:]), np.float32)
     base = rss_bytes()
-    if what in ("segments", "graphs"):
+    if what in ("segments", "graphs", "aoti"):
         started = time.perf_counter()
-        rt = sc.Runtime(bundle, mode=what)
+        rt = sc.Runtime(bundle, backend="aoti") if what == "aoti" else sc.Runtime(bundle, mode=what)
         load_s = time.perf_counter() - started
         for cid in rt.config_ids:
             rt.run(x, cid)
@@ -109,7 +110,7 @@ def main() -> None:
     checkpoint = deit_snnet_checkpoint(os.path.join(args.work, "snnet_deit_ti_s_b.pth"))
     out = os.path.join(args.work, "bundle")
     net = sc.load(checkpoint)
-    bundle = sc.export(net, out, targets="onnx,ort", quiet=False, report=print)
+    bundle = sc.export(net, out, targets="onnx,ort,aoti", quiet=False, report=print)
     ids = bundle.configs
     unique = bundle.manifest["weights"]["unique_bytes"]
     threads = sc.Runtime(bundle, preload=False).threads
@@ -127,9 +128,10 @@ def main() -> None:
     print(f"\n1. memory, RSS growth with all {len(ids)} configs resident (after one run of each)")
     print(f"   {len(ids)} independent plain sessions (est. from {len(sample)}) {independent_total / 1e9:8.2f} GB"
           f"   = {independent_total / unique:6.2f} x unique weights (baseline)")
-    for mode in ("segments", "graphs"):
+    for mode in ("segments", "graphs", "aoti"):
         m = in_child(out, mode, [])
-        print(f"   Runtime mode={mode:<8} (load {m['load_s']:5.1f} s)       {m['rss'] / 1e9:8.2f} GB"
+        what = "backend=aoti " if mode == "aoti" else f"mode={mode:<8}"
+        print(f"   Runtime {what} (load {m['load_s']:5.1f} s)       {m['rss'] / 1e9:8.2f} GB"
               f"   = {m['rss'] / unique:6.2f} x unique weights, "
               f"{independent_total / m['rss']:5.1f}x less than independent")
 
@@ -165,6 +167,7 @@ def main() -> None:
     chosen = (sorted(ids) if args.configs == "all" else [int(c) for c in args.configs.split(",")] if args.configs
               else anchors + [c for c in sorted(ids) if c not in anchors][::6])
     graphs = sc.Runtime(bundle, mode="graphs", preload=False)
+    aoti = sc.Runtime(bundle, backend="aoti", preload=False)
     torch.set_num_threads(threads)
     xt = torch.from_numpy(x)
 
@@ -172,7 +175,8 @@ def main() -> None:
         with torch.inference_mode():
             net(xt, c)
 
-    runners = {"segments": lambda c: rt.run(x, c), "graphs": lambda c: graphs.run(x, c), "torch": eager}
+    runners = {"segments": lambda c: rt.run(x, c), "graphs": lambda c: graphs.run(x, c),
+               "aoti": lambda c: aoti.run(x, c), "torch": eager}
     times = {}
     for c in chosen:
         for name, run in runners.items():
@@ -187,12 +191,15 @@ def main() -> None:
     speedup = [med["torch", c] / med["segments", c] for c in chosen]
     chain = [med["segments", c] / med["graphs", c] for c in chosen]
     print(f"\n3. latency at batch 1, {len(chosen)} configs, {args.runs} runs each (median ms)")
-    print(f"   {'id':>4} {'torch':>9} {'ort seg':>9} {'ort graph':>9} {'torch/ort':>9}")
+    aoti_speedup = [med["torch", c] / med["aoti", c] for c in chosen]
+    print(f"   {'id':>4} {'torch':>9} {'ort seg':>9} {'ort graph':>9} {'aoti':>9} {'torch/ort':>9} {'torch/aoti':>10}")
     for c in chosen:
         print(f"   {c:>4} {med['torch', c]:>9.2f} {med['segments', c]:>9.2f} {med['graphs', c]:>9.2f} "
-              f"{med['torch', c] / med['segments', c]:>9.2f}")
+              f"{med['aoti', c]:>9.2f} {med['torch', c] / med['segments', c]:>9.2f} {med['torch', c] / med['aoti', c]:>10.2f}")
     print(f"   PyTorch eager / ORT (segments): median {statistics.median(speedup):.2f}x, min {min(speedup):.2f}x, "
           f"max {max(speedup):.2f}x")
+    print(f"   PyTorch eager / AOTInductor:    median {statistics.median(aoti_speedup):.2f}x, "
+          f"min {min(aoti_speedup):.2f}x, max {max(aoti_speedup):.2f}x")
     print(f"   ORT segments / ORT graphs:      median {statistics.median(chain):.3f}, min {min(chain):.3f}, "
           f"max {max(chain):.3f}")
 

@@ -170,9 +170,9 @@ def runtime_options(command):
     """
     stored = {"expose_value": False, "callback": _store_runtime_option}
     for option in reversed([
-        click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "aoti"]),
-                     help="ONNX Runtime, or the bundle's AOTInductor build for this device (export --targets aoti).",
-                     **stored),
+        click.option("--backend", default=None, type=click.Choice(["ort", "aoti"]),
+                     help="ONNX Runtime, or the bundle's AOTInductor build for this device (export --targets aoti) "
+                          "[default: ort on cpu, aoti on cuda].", **stored),
         click.option("--device", default="cpu", show_default=True, help="Where configs run: cpu, or cuda[:N] (aoti).",
                      **stored),
         click.option("--threads", default=None, type=click.IntRange(min=1),
@@ -190,8 +190,10 @@ def runtime_options(command):
 def _runtime(bundle: str, preload: bool = False):
     """The Runtime the ``runtime_options`` of the current command describe."""
     from .runtime import Runtime
+    from .runtime.backend import default_backend
 
     o = click.get_current_context().meta["runtime"]
+    o["backend"] = o["backend"] or default_backend(o["device"])
     if o["backend"] == "ort" and o["cuda_graphs"]:
         raise StitchError("--cuda-graphs applies to --backend aoti only")
     if o["backend"] == "aoti" and o["mode"] != "segments":

@@ -7,6 +7,7 @@ module; compiling its packages takes about a minute on two cores.
 import json
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -102,6 +103,27 @@ def test_runtime_runs_every_config_like_pytorch(tiny):
         assert isinstance(got, torch.Tensor) and rel_err(got.numpy(), ref) < 1e-4
 
 
+def test_threads_running_different_configs_get_their_own_outputs(tiny):
+    net, root = tiny
+    rt = Runtime(str(root / "bundle"), backend="aoti", threads=1)
+    x = images(2)
+    with torch.no_grad():
+        refs = {cid: net(torch.from_numpy(x), cid).numpy() for cid in rt.config_ids}
+    errors = []
+
+    def worker(offset):
+        for i in range(12):
+            cid = rt.config_ids[(offset + i) % len(rt.config_ids)]
+            errors.append(rel_err(rt.run(x, cid), refs[cid]))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 48 and max(errors) < 1e-4
+
+
 def test_bench_and_select_with_the_aoti_backend(cli, bundle):
     code, out, err = cli("bench", str(bundle), "--backend", "aoti", "--batch", "1,2", "--runs", "3", "--warmup", "1",
                          "--threads", "1", "--quiet")
@@ -182,6 +204,7 @@ def test_option_mismatches_are_one_error_line(cli, bundle):
     one_line(*cli("bench", str(bundle), "--backend", "aoti", "--device", "tpu")[::2], "'tpu'")
     if not torch.cuda.is_available():
         one_line(*cli("bench", str(bundle), "--backend", "aoti", "--device", "cuda")[::2], "no CUDA GPU")
+        one_line(*cli("bench", str(bundle), "--device", "cuda:0")[::2], "no CUDA GPU")  # cuda means aoti
         one_line(*cli("bench", str(bundle), "--backend", "aoti", "--cuda-graphs")[::2], "CUDA device")
 
 

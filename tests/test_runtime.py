@@ -148,8 +148,8 @@ def test_bad_input_and_unknown_config_are_stitch_errors(runtime, images):
         runtime.run(images, 5)
     with pytest.raises(sc.StitchError, match=r"takes \[batch, 3, 32, 32\]"):
         runtime.run(images[:, :, :16], 0)
-    with pytest.raises(sc.StitchError, match="cpu"):
-        sc.Runtime(runtime.bundle, device="cuda", preload=False)
+    with pytest.raises(sc.StitchError, match="runs on 'cpu' only; use --backend aoti"):
+        sc.Runtime(runtime.bundle, device="cuda", backend="ort", preload=False)
 
 
 def test_tampered_external_data_range_is_refused(exported):

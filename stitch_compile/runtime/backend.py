@@ -69,6 +69,11 @@ class Backend(ABC):
         return x
 
 
+def default_backend(device: str) -> str:
+    """ONNX Runtime runs on the CPU here; CUDA devices get the AOTInductor packages."""
+    return "aoti" if str(device).startswith("cuda") else "ort"
+
+
 def create_backend(name: str, bundle: Bundle, device: str, threads: int, **options) -> Backend:
     """An instance of backend ``name``; ``options`` are that backend's own keyword arguments."""
     if name not in BACKENDS:

@@ -53,7 +53,8 @@ class OrtBackend(Backend):
 
     def __init__(self, bundle: Bundle, device: str, threads: int, mode: str = "segments"):
         if device != "cpu":
-            raise StitchError(f"device {device!r}: the ort backend runs on 'cpu' only in this version")
+            raise StitchError(f"device {device!r}: the ort backend runs on 'cpu' only; "
+                              f"use --backend aoti (backend=\"aoti\") for a GPU")
         if mode not in MODES:
             raise StitchError(f"unknown ort mode {mode!r}; choose from {', '.join(MODES)}")
         super().__init__(bundle, device, threads)

@@ -17,22 +17,24 @@ import numpy as np
 
 from ..bundle import Bundle, load_bundle
 from ..errors import StitchError
-from .backend import Backend, Runner, create_backend
+from .backend import Backend, Runner, create_backend, default_backend
 from .device import default_threads, device_key
 from .lut import Lut, read_lut
 from .select import Choice, Selector, check_budget
 
 
 class Runtime:
-    """Load a bundle for one device; ``backend_options`` go to the backend (ort: ``mode``)."""
+    """Load a bundle for one device; ``backend`` defaults to ort on the CPU and aoti on CUDA;
+    ``backend_options`` go to the backend (ort: ``mode``; aoti: ``cuda_graphs``)."""
 
-    def __init__(self, bundle: str | Bundle, device: str = "cpu", backend: str = "ort", threads: int | None = None,
-                 preload: bool = True, **backend_options):
+    def __init__(self, bundle: str | Bundle, device: str = "cpu", backend: str | None = None,
+                 threads: int | None = None, preload: bool = True, **backend_options):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise StitchError(f"threads {threads!r}: expected a positive integer")
         self.threads = threads or default_threads()
-        self.backend: Backend = create_backend(backend, self.bundle, device, self.threads, **backend_options)
+        self.backend: Backend = create_backend(backend or default_backend(device), self.bundle, device, self.threads,
+                                               **backend_options)
         self.device_key = device_key(device, self.backend.hardware(), self.backend.engine, self.threads,
                                      self.backend.precision)
         self.input_shape = tuple(self.bundle.manifest["input"]["shape"][1:])
