@@ -246,3 +246,17 @@ def test_verify_rechecks_the_aoti_build_and_skips_builds_for_other_devices(cli, 
     code, out, err = cli("verify", str(bundle), "--checkpoint", str(root / "tiny.pth"), "--quiet")
     assert code == 0, err
     assert "aoti:cuda-some-gpu-torch2.14: built for another device" in out
+
+
+@pytest.mark.slow
+def test_parallel_compile_workers_build_the_same_bundle(tiny, tmp_path):
+    net, root = tiny
+    stitch_compile.export(net, str(tmp_path / "b"), targets="onnx,aoti", jobs=2, report=lambda line: None)
+    ours, theirs = manifest(tmp_path / "b"), manifest(root / "bundle")
+    (_, a), (_, b) = the_build(ours), the_build(theirs)
+    assert a["segments"] == b["segments"] and a["packages"] == b["packages"]
+    assert ours["files"][a["constants"]] == theirs["files"][b["constants"]]  # byte-identical constants.json
+    rt = Runtime(str(tmp_path / "b"), backend="aoti", threads=1)
+    x = images()
+    with torch.no_grad():
+        assert all(rel_err(rt.run(x, cid), net(torch.from_numpy(x), cid).numpy()) < 1e-4 for cid in rt.config_ids)
