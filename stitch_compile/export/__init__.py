@@ -57,6 +57,10 @@ def export(net: StitchableNet, out: str, targets="onnx", configs="all", opset: i
     ids = _config_ids(net, configs)
     source = _source(net)
     key = {"source": source["sha256"], "tool": __version__, "opset": opset, "configs": ids}
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise StitchError(f"--jobs {jobs!r}: expected a positive integer")
+    if "aoti" not in build and (device != "cpu" or jobs is not None):
+        report("--device and --jobs apply to the aoti target only; ignored")
     aoti_key = build_key(torch_device(device)) if "aoti" in build else None
     reused = _up_to_date(out, key, build, trt_options, aoti_key)
     if reused is not None:

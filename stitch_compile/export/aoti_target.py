@@ -147,8 +147,6 @@ def compile_packages(work: dict[str, tuple], jobs: int | None, quiet: bool) -> d
     inductor's compile is mostly single-threaded C++/Triton compilation, and its config is global.
     """
     jobs = default_jobs(len(work)) if jobs is None else jobs
-    if jobs < 1:
-        raise StitchError(f"--jobs {jobs}: expected a positive integer")
     with tqdm(total=len(work), desc="aoti compile", disable=quiet, file=sys.stderr) as bar:
         if jobs == 1 or len(work) == 1:
             needed = {}
@@ -193,7 +191,7 @@ def _locate(t: torch.Tensor, derived: WeightStore, rel_dir: str) -> dict:
 
 def check_aoti(net: StitchableNet, root: str, key: str, build: dict, ids: list[int], rng: np.random.Generator,
                quiet: bool, rel_tol: float) -> dict:
-    """Parity of every config's package chain against PyTorch on the CPU, at the parity batches."""
+    """Parity of every config's package chain (on its device) against the PyTorch net (on the CPU)."""
     dev = torch_device(build["device"])
     packages = AotiPackages(root, key, build, dev)
     results = {}
