@@ -28,8 +28,8 @@ class AotiBackend(Backend):
     name = "aoti"
 
     def __init__(self, bundle: Bundle, device: str, threads: int, cuda_graphs: bool = False):
-        super().__init__(bundle, device, threads)
         self.torch_device = torch_device(device)
+        super().__init__(bundle, self.torch_device.type, threads)  # 'cuda' and 'cuda:0' share one LUT key
         if cuda_graphs and self.torch_device.type != "cuda":
             raise StitchError("--cuda-graphs: CUDA graphs need a CUDA device")
         builds = bundle.manifest["targets"].get("aoti", {}).get("builds", {})

@@ -35,7 +35,7 @@ class Runtime:
         self.threads = threads or default_threads()
         self.backend: Backend = create_backend(backend or default_backend(device), self.bundle, device, self.threads,
                                                **backend_options)
-        self.device_key = device_key(device, self.backend.hardware(), self.backend.engine, self.threads,
+        self.device_key = device_key(self.backend.device, self.backend.hardware(), self.backend.engine, self.threads,
                                      self.backend.precision)
         self.input_shape = tuple(self.bundle.manifest["input"]["shape"][1:])
         self._runners: dict[int, Runner] = {}
