@@ -36,11 +36,11 @@ def torch_minor() -> str:
 
 
 def load_package(path: str, device_index: int = -1, single_threaded: bool = False):
-    """torch's C++ package loader, without ``aoti_load_package``'s Python layer: that re-reads the
-    archive and probes the C++ toolchain on every load, costing seconds per segment.
+    """torch's C++ package loader, without ``aoti_load_package``'s Python layer, which re-reads the
+    archive on every load (10x slower per segment here).
 
-    ``single_threaded`` drops the loader's own run synchronisation (a CUDA event it queries),
-    which is illegal inside CUDA graph capture; the caller must then serialise runs itself.
+    ``single_threaded`` drops the loader's synchronisation between threads, which conflicts with
+    CUDA graph capture (torch documents the flag for that); the caller must serialise runs itself.
     """
     return torch._C._aoti.AOTIModelPackageLoader(path, "model", single_threaded, 1, device_index)
 
