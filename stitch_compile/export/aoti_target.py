@@ -59,17 +59,25 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().numpy()
 
 
-def store_layout(module: nn.Module, store: WeightStore) -> nn.Module:
-    """A copy of ``module`` whose Linear weights are transposed wherever the store holds them so."""
+def store_layout(module: nn.Module, store: WeightStore, transposed: dict[int, bool]) -> nn.Module:
+    """A copy of ``module`` whose Linear weights are transposed wherever the store holds them so.
+
+    ``transposed`` remembers the answer per weight across calls: a stem or head segment's module
+    holds its whole anchor, whose weights would otherwise be hashed again for every such segment.
+    """
     # new module and parameter objects over the same storage: moving the copy to a device later
     # must not move the net's own parameters
     shared = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in module.parameters()}
     shared.update({id(b): b.detach() for b in module.buffers()})
+    module_weights = {name: m.weight for name, m in module.named_modules() if type(m) is nn.Linear}
     module = copy.deepcopy(module, memo=shared)
     for name, child in list(module.named_modules()):
         if type(child) is nn.Linear:
-            weight = _numpy(child.weight)
-            if store.find(weight) is None and store.find(np.ascontiguousarray(weight.T)) is not None:
+            key = id(module_weights[name])
+            if key not in transposed:
+                weight = _numpy(child.weight)
+                transposed[key] = store.find(weight) is None and store.find(np.ascontiguousarray(weight.T)) is not None
+            if transposed[key]:
                 parent_name, _, attr = name.rpartition(".")
                 setattr(module.get_submodule(parent_name), attr, _TransposedLinear(child))
     return module.eval()
@@ -107,10 +115,10 @@ def build_aoti(net: StitchableNet, root: str, keys: list[str], store: WeightStor
     key = build_key(dev)
     rel_dir = f"aoti/{key}"
     os.makedirs(os.path.join(root, rel_dir))
-    programs, segments, tensors = {}, {}, {}
+    programs, segments, tensors, transposed = {}, {}, {}, {}
     for seg_key in tqdm(keys, desc="aoti export", disable=quiet, file=sys.stderr):
         seg = net.segments[seg_key]
-        program = export_segment(store_layout(seg.module, store), seg.in_shape, dev)
+        program = export_segment(store_layout(seg.module, store, transposed), seg.in_shape, dev)
         arch = architecture(program, seg.in_shape)
         programs.setdefault(arch, program)
         segments[seg_key], tensors[seg_key] = arch, _constants(program)

@@ -40,7 +40,7 @@ class WeightStore:
 
     def find(self, array: np.ndarray) -> tuple[str, int, int] | None:
         """(file name, offset, length) of the slot holding exactly ``array``, here or in the base; else None."""
-        return self._find(_content_key(array))
+        return self._find(_content_key(array, np.ascontiguousarray(array).tobytes()))
 
     def _find(self, key: bytes) -> tuple[str, int, int] | None:
         if self.base is not None and key in self.base._slots:
@@ -50,10 +50,10 @@ class WeightStore:
 
     def add(self, array: np.ndarray) -> tuple[str, int, int]:
         """Store ``array`` (once) and return (file name, offset, length) of its slot."""
-        key = _content_key(array)
+        data = np.ascontiguousarray(array).tobytes()
+        key = _content_key(array, data)
         found = self._find(key)
         if found is None:
-            data = np.ascontiguousarray(array).tobytes()
             offset = self._place(len(data))
             self._file.seek(offset)
             self._file.write(data)
@@ -95,8 +95,7 @@ class WeightStore:
         self._file.close()
 
 
-def _content_key(array: np.ndarray) -> bytes:
-    data = np.ascontiguousarray(array).tobytes()
+def _content_key(array: np.ndarray, data: bytes) -> bytes:
     return hashlib.sha256(f"{array.dtype.str}{array.shape}".encode() + data).digest()
 
 
