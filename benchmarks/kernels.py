@@ -10,6 +10,7 @@ Goal (issue 6), at batch 64: fused >= 1.2x eager and >= 1.0x torch.compile.
 
     python benchmarks/kernels.py --check            # verify on the GPU, then time
     python benchmarks/kernels.py --sweep --batch 64 # also time every tiling (tunes stitch_ln.tiling)
+    python benchmarks/kernels.py --breakdown        # also time the kernel's parts: where the time goes
 """
 
 from __future__ import annotations
@@ -98,21 +99,55 @@ def traffic_bytes(batch: int, ca: int, cb: int, dtype: torch.dtype) -> int:
     return dtype.itemsize * (m * ca + cb * ca + 3 * cb + 2 * m * cb)
 
 
+def kernel_args(inputs: list[torch.Tensor]) -> tuple:
+    """``stitch_ln.launch``'s arguments for the op's inputs, with fresh ``out`` / ``normed``."""
+    x = inputs[0].reshape(-1, inputs[0].shape[-1])
+    out = torch.empty((x.shape[0], inputs[1].shape[0]), dtype=x.dtype, device="cuda")
+    return (x, *inputs[1:], EPS, out, torch.empty_like(out))
+
+
 def sweep(timer: Timer, inputs: list[torch.Tensor]) -> str:
     """Time the kernel at every row tile x column chunk within the budgets; '*' marks the default."""
     from stitch_compile.kernels import stitch_ln
 
-    x, weight = inputs[0].reshape(-1, inputs[0].shape[-1]), inputs[1]
-    (m, ca), cb = x.shape, weight.shape[0]
-    out = torch.empty((m, cb), dtype=x.dtype, device="cuda")
-    normed = torch.empty_like(out)
-    default = stitch_ln.tiling(m, ca, cb, x.dtype)
+    args = kernel_args(inputs)
+    (m, ca), cb, dtype = args[0].shape, args[1].shape[0], args[0].dtype
+    default = stitch_ln.tiling(m, ca, cb, dtype)
     parts = []
-    for t in stitch_ln.candidates(ca, x.dtype):
-        ms = timer(lambda: stitch_ln.launch(x, weight, *inputs[2:], EPS, out, normed, block_m=t.block_m, block_n=t.block_n))
+    for t in stitch_ln.candidates(ca, dtype):
+        ms = timer(lambda: stitch_ln.launch(*args, block_m=t.block_m, block_n=t.block_n))
         star = "*" if (t.block_m, t.block_n) == (default.block_m, default.block_n) else ""
         parts.append(f"{t.block_m}x{t.block_n}{star}:{ms * 1e3:.1f}")
     return "  us at BLOCK_MxBLOCK_N " + " ".join(parts)
+
+
+def occupancy(kernel, programs: int) -> str:
+    """The compiled kernel's registers, spills and shared memory, and the programs per SM they allow."""
+    props = torch.cuda.get_device_properties()
+    threads = kernel.metadata.num_warps * 32
+    regs = -(-kernel.n_regs // 8) * 8  # registers are allocated per thread in units of 8
+    per_sm = min(props.max_threads_per_multi_processor // threads, props.regs_per_multiprocessor // (regs * threads),
+                 props.shared_memory_per_multiprocessor // (kernel.metadata.shared + 1024))  # 1 KB reserved per block
+    waves = programs / (max(per_sm, 1) * props.multi_processor_count)
+    return (f"regs {kernel.n_regs} spills {kernel.n_spills} smem {kernel.metadata.shared / 1024:.0f} KB: "
+            f"{per_sm} programs/SM, {programs} programs = {waves:.2f} waves")
+
+
+def breakdown(timer: Timer, inputs: list[torch.Tensor]) -> str:
+    """Where the time goes, at the default tiling: the kernel run up to each part (stitch_ln's
+    PARTS), eager's two kernels alone, and the kernel's resources."""
+    from stitch_compile.kernels import stitch_ln
+
+    args = kernel_args(inputs)
+    x, weight, bias, ln_weight, ln_bias, _, out, _ = args
+    kernel = stitch_ln.launch(*args)  # also fills `out` for layer_norm below
+    times = [timer(lambda: stitch_ln.launch(*args, parts=parts)) for parts in (1, 2, 3)]
+    linear = timer(lambda: F.linear(x, weight, bias))
+    norm = timer(lambda: F.layer_norm(out, (weight.shape[0],), ln_weight, ln_bias, EPS))
+    t = stitch_ln.tiling(x.shape[0], x.shape[1], weight.shape[0], x.dtype)
+    return (f"\n      parts us: gemm+out {times[0] * 1e3:.1f}, +stats+normed store {times[1] * 1e3:.1f}, "
+            f"+out read-back {times[2] * 1e3:.1f} | eager linear {linear * 1e3:.1f}, layer_norm {norm * 1e3:.1f} | "
+            f"{t.block_m}x{t.block_n}x{t.block_k} {occupancy(kernel, -(-x.shape[0] // t.block_m))}")
 
 
 def main() -> int:
@@ -124,6 +159,8 @@ def main() -> int:
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the baseline")
     parser.add_argument("--check", action="store_true", help="verify correctness on the GPU first; exit 1 on failure")
     parser.add_argument("--sweep", action="store_true", help="also time every BLOCK_M x BLOCK_N of the fused kernel")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the kernel's parts and eager's two kernels, and show the kernel's resources")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: no CUDA device (torch.cuda.is_available() is False); run it on a machine with an NVIDIA GPU",
@@ -157,7 +194,8 @@ def main() -> int:
         gbs = traffic_bytes(batch, ca, cb, dtype) / t_fused / 1e6
         line = (f"{NAMES[dtype]:5} {batch:5} {f'{ca}->{cb}':>10} {t_eager * 1e3:9.1f} {t_compile * 1e3:10.1f} "
                 f"{t_fused * 1e3:9.1f} {t_eager / t_fused:11.2f} {t_compile / t_fused:13.2f} {gbs:10.0f} {gbs / copy:7.0%}")
-        print(line + (sweep(timer, inputs) if args.sweep else ""), flush=True)
+        line += sweep(timer, inputs) if args.sweep else ""
+        print(line + (breakdown(timer, inputs) if args.breakdown else ""), flush=True)
         if batch == GOAL_BATCH:
             goal.append((t_eager / t_fused, t_compile / t_fused))
     if goal:

@@ -79,8 +79,10 @@ def _stitch_ln_kernel(
     x_ptr, w_ptr, b_ptr, g_ptr, beta_ptr, out_ptr, normed_ptr,
     M, CA, CB, stride_xm, stride_xk, stride_wn, stride_wk, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, PARTS: tl.constexpr,
 ):
+    # PARTS < 3 exists for the benchmark's --breakdown only: 1 = GEMM and `out`; 2 = also the
+    # statistics and `normed` stores, without reading `out` back; 3 = the op.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     x_rows = x_ptr + rows[:, None] * stride_xm
@@ -108,46 +110,53 @@ def _stitch_ln_kernel(
         out = (acc + bias[None, :]).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + out_rows + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
 
-        y = tl.where(col_ok[None, :], out.to(tl.float32), 0.0)
-        count = tl.minimum(CB - n0, BLOCK_N).to(tl.float32)
-        if n0 == 0:
-            shift = tl.sum(y, axis=1) / count
-        d = tl.where(col_ok[None, :], y - shift[:, None], 0.0)
-        chunk_mean = tl.sum(d, axis=1) / count
-        c = tl.where(col_ok[None, :], d - chunk_mean[:, None], 0.0)
-        # Chan et al.: merge (n0, mean, m2) with (count, chunk_mean, sum c^2). Never sum/sumsq,
-        # whose difference cancels catastrophically when |mean| >> std.
-        total = n0 + count
-        delta = chunk_mean - mean
-        mean += delta * (count / total)
-        m2 += tl.sum(c * c, axis=1) + delta * delta * (n0 * count / total)
-    rstd = 1.0 / tl.sqrt(m2 / CB + eps)
-
-    # Pass 2: other threads of this program wrote the chunks; the barrier makes them visible.
-    tl.debug_barrier()
-    for n0 in range(0, CB, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < CB
-        mask = row_ok[:, None] & col_ok[None, :]
-        offs = out_rows + cols[None, :]
-        y = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gamma = tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        normed = ((y - shift[:, None]) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
-        tl.store(normed_ptr + offs, normed.to(normed_ptr.dtype.element_ty), mask=mask)
+        if PARTS >= 2:
+            y = tl.where(col_ok[None, :], out.to(tl.float32), 0.0)
+            count = tl.minimum(CB - n0, BLOCK_N).to(tl.float32)
+            if n0 == 0:
+                shift = tl.sum(y, axis=1) / count
+            d = tl.where(col_ok[None, :], y - shift[:, None], 0.0)
+            chunk_mean = tl.sum(d, axis=1) / count
+            c = tl.where(col_ok[None, :], d - chunk_mean[:, None], 0.0)
+            # Chan et al.: merge (n0, mean, m2) with (count, chunk_mean, sum c^2). Never sum/sumsq,
+            # whose difference cancels catastrophically when |mean| >> std.
+            total = n0 + count
+            delta = chunk_mean - mean
+            mean += delta * (count / total)
+            m2 += tl.sum(c * c, axis=1) + delta * delta * (n0 * count / total)
+    if PARTS >= 2:
+        rstd = 1.0 / tl.sqrt(m2 / CB + eps)
+        # Pass 2: other threads of this program wrote the chunks; the barrier makes them visible.
+        tl.debug_barrier()
+        for n0 in range(0, CB, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < CB
+            mask = row_ok[:, None] & col_ok[None, :]
+            offs = out_rows + cols[None, :]
+            if PARTS == 3:
+                y = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            gamma = tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            normed = ((y - shift[:, None]) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+            tl.store(normed_ptr + offs, normed.to(normed_ptr.dtype.element_ty), mask=mask)
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,
            ln_bias: torch.Tensor, eps: float, out: torch.Tensor, normed: torch.Tensor,
-           block_m: int | None = None, block_n: int | None = None) -> None:
+           block_m: int | None = None, block_n: int | None = None, parts: int = 3):
     """Write into caller-owned contiguous ``out`` and ``normed`` [M, Cb] for validated 2-D ``x``.
 
-    Caller-owned buffers let tests poison them and the benchmark sweep the tiles. fp32 follows
-    torch's TF32 switch for matmuls, so fused and unfused agree on precision.
+    Caller-owned buffers let tests poison them and the benchmark sweep the tiles; ``parts`` < 3
+    runs only part of the op (see the kernel) so that the benchmark can time the parts. fp32
+    follows torch's TF32 switch for matmuls, so fused and unfused agree on precision. Returns
+    Triton's compiled kernel (registers, spills and shared memory for the benchmark), or None
+    when there are no rows.
     """
     m, ca = x.shape
     if m == 0:
-        return
+        return None
     cb = weight.shape[0]
     t = tiling(m, ca, cb, x.dtype, block_m, block_n)
     ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
@@ -155,13 +164,12 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight:
             m, ca, cb, *x.stride(), *weight.stride(), eps)
     kwargs = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
               "INPUT_PRECISION": "ieee" if ieee else "tf32",  # tf32, Triton's default, only affects fp32
-              "num_warps": t.num_warps, "num_stages": t.num_stages}
+              "PARTS": parts, "num_warps": t.num_warps, "num_stages": t.num_stages}
     grid = (triton.cdiv(m, t.block_m),)
     if x.device.type != "cuda" or x.device.index == torch.cuda.current_device():
-        _stitch_ln_kernel[grid](*args, **kwargs)
-    else:
-        with torch.cuda.device_of(x):  # Triton launches on the current device, not x's
-            _stitch_ln_kernel[grid](*args, **kwargs)
+        return _stitch_ln_kernel[grid](*args, **kwargs)
+    with torch.cuda.device_of(x):  # Triton launches on the current device, not x's
+        return _stitch_ln_kernel[grid](*args, **kwargs)
 
 
 def stitch_linear_ln(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,

@@ -197,6 +197,21 @@ def test_interp_mean_heavy_rows(kernel, gen, tiles):
     assert rel_err(naive, want) > 10 * TOLERANCE[torch.float32], "input too easy to tell the formulas apart"
 
 
+@interpreted
+def test_interp_partial_runs(kernel, gen):
+    """The benchmark's --breakdown parts: 1 writes only `out`, 2 also writes `normed` (of zeros,
+    without reading `out` back), 3 is the op."""
+    t = make_inputs(gen, 23, 40, 200, torch.float32)
+    want_out, want_normed = reference(t)
+    nans = [torch.full((23, 200), float("nan")) for _ in range(2)]
+    kernel.launch(*t.values(), EPS, *nans, block_m=16, block_n=64, parts=1)
+    assert rel_err(nans[0], want_out) < TOLERANCE[torch.float32] and nans[1].isnan().all()
+    kernel.launch(*t.values(), EPS, *nans, block_m=16, block_n=64, parts=2)
+    assert not nans[1].isnan().any() and rel_err(nans[1], want_normed) > 0.5
+    kernel.launch(*t.values(), EPS, *nans, block_m=16, block_n=64, parts=3)
+    assert rel_err(nans[1], want_normed) < TOLERANCE[torch.float32]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("ca,cb", FAMILY_SHAPES)
@@ -253,7 +268,7 @@ def test_compiles_for_gpus_without_spills(arch, tmp_path):
         for t in sorted(tilings):
             constexprs = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
                           "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-                          "stride_xk": 1, "stride_wk": 1}  # a launch makes int arguments equal to 1 constexpr
+                          "PARTS": 3, "stride_xk": 1, "stride_wk": 1}  # a launch makes int arguments equal to 1 constexpr
             pointer = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
             signature = {name: "constexpr" if name in constexprs else pointer if name.endswith("_ptr")
                          else "fp32" if name == "eps" else "i32" for name in _stitch_ln_kernel.arg_names}
