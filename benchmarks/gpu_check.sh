@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every GPU test and GPU benchmark in one run of under ten minutes, for a GPU machine lent for
+# minutes: each step has its own time limit and saves its output under DIR as it goes, so a step
+# that fails or runs out of time costs only itself.
+#
+#   bash benchmarks/gpu_check.sh [DIR]      # DIR defaults to gpu-results/
+#
+# Steps, most wanted first: AOTInductor per config with and without CUDA graphs at batch 1 and 64
+# (issue 7), the CUDA tests, then the fused kernel's check and its time breakdown (issue 6).
+# Needs stitch_compile importable (pip install -e ., or PYTHONPATH) and a CUDA device.
+set -u
+cd "$(dirname "$0")/.."
+dir=$(mkdir -p "${1:-gpu-results}" && cd "${1:-gpu-results}" && pwd)
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep stdout+stderr in DIR/NAME.txt
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*"
+    timeout "$limit" "$@" 2>&1 | tee "$dir/$name.txt"
+    echo "== $name: exit ${PIPESTATUS[0]} (124: out of time), ${SECONDS} s since the start"
+}
+
+python -c "import sys, torch, stitch_compile; torch.cuda.is_available() or sys.exit('gpu_check.sh: no CUDA device')" || exit 2
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$dir/device.txt" 2>&1
+step aoti 270 python benchmarks/gpu.py --anchors 2 --batch 1,64 --runs 20 --warmup 5 \
+    --work "$dir/work" --json "$dir/gpu.json"
+step tests 150 python -m pytest -q -rs -k cuda tests/test_aoti.py tests/test_kernels.py
+step kernels 150 python benchmarks/kernels.py --check --breakdown --batch 64 --dtype fp16 fp32 --repeats 30
+rm -rf "$dir/work"  # the exported bundle: large, and rebuilt by the next run
