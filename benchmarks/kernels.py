@@ -99,6 +99,14 @@ def traffic_bytes(batch: int, ca: int, cb: int, dtype: torch.dtype) -> int:
     return dtype.itemsize * (m * ca + cb * ca + 3 * cb + 2 * m * cb)
 
 
+def l2_bytes(m: int, ca: int, cb: int, t, itemsize: int) -> int:
+    """Bytes between L2 and the SMs by the kernel's schedule: per column chunk, each program reads
+    its x rows and the chunk's W columns again; `out` is written, read back, and `normed` written.
+    Time tracking this across tilings would mean the kernel is bound by L2 bandwidth."""
+    programs, chunks = -(-m // t.block_m), -(-cb // t.block_n)
+    return itemsize * (programs * chunks * (t.block_m * ca + ca * t.block_n) + 3 * m * cb)
+
+
 def kernel_args(inputs: list[torch.Tensor]) -> tuple:
     """``stitch_ln.launch``'s arguments for the op's inputs, with fresh ``out`` / ``normed``."""
     x = inputs[0].reshape(-1, inputs[0].shape[-1])
@@ -117,8 +125,8 @@ def sweep(timer: Timer, inputs: list[torch.Tensor]) -> str:
     for t in stitch_ln.candidates(ca, dtype):
         ms = timer(lambda: stitch_ln.launch(*args, block_m=t.block_m, block_n=t.block_n))
         star = "*" if (t.block_m, t.block_n) == (default.block_m, default.block_n) else ""
-        parts.append(f"{t.block_m}x{t.block_n}{star}:{ms * 1e3:.1f}")
-    return "  us at BLOCK_MxBLOCK_N " + " ".join(parts)
+        parts.append(f"{t.block_m}x{t.block_n}{star}:{ms * 1e3:.1f}@{l2_bytes(m, ca, cb, t, dtype.itemsize) / ms / 1e9:.1f}")
+    return "  us@L2 TB/s at BLOCK_MxBLOCK_N " + " ".join(parts)
 
 
 def occupancy(kernel, programs: int) -> str:
@@ -144,10 +152,13 @@ def breakdown(timer: Timer, inputs: list[torch.Tensor]) -> str:
     times = [timer(lambda: stitch_ln.launch(*args, parts=parts)) for parts in (1, 2, 3)]
     linear = timer(lambda: F.linear(x, weight, bias))
     norm = timer(lambda: F.layer_norm(out, (weight.shape[0],), ln_weight, ln_bias, EPS))
-    t = stitch_ln.tiling(x.shape[0], x.shape[1], weight.shape[0], x.dtype)
+    (m, ca), cb = x.shape, weight.shape[0]
+    t = stitch_ln.tiling(m, ca, cb, x.dtype)
+    l2 = l2_bytes(m, ca, cb, t, x.dtype.itemsize)
     return (f"\n      parts us: gemm+out {times[0] * 1e3:.1f}, +stats+normed store {times[1] * 1e3:.1f}, "
             f"+out read-back {times[2] * 1e3:.1f} | eager linear {linear * 1e3:.1f}, layer_norm {norm * 1e3:.1f} | "
-            f"{t.block_m}x{t.block_n}x{t.block_k} {occupancy(kernel, -(-x.shape[0] // t.block_m))}")
+            f"L2 model {l2 / 1e6:.0f} MB, {l2 / times[2] / 1e9:.1f} TB/s | "
+            f"{t.block_m}x{t.block_n}x{t.block_k} {occupancy(kernel, -(-m // t.block_m))}")
 
 
 def main() -> int:
