@@ -5,8 +5,9 @@
 #
 #   bash benchmarks/gpu_check.sh [DIR]      # DIR defaults to gpu-results/
 #
-# Steps, most wanted first: AOTInductor per config with and without CUDA graphs at batch 1 and 64
-# (issue 7), the CUDA tests, then the fused kernel's check and its time breakdown (issue 6).
+# Steps, most wanted first: AOTInductor per config with and without CUDA graphs at batch 1 and 64;
+# the CLI's `bench` on that bundle, as a user runs it (it writes the LUT); the CUDA tests; the
+# fused kernel's check and its time breakdown.
 # Needs stitch_compile importable (pip install -e ., or PYTHONPATH) and a CUDA device.
 set -u
 cd "$(dirname "$0")/.."
@@ -24,6 +25,8 @@ python -c "import sys, torch, stitch_compile; torch.cuda.is_available() or sys.e
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$dir/device.txt" 2>&1
 step aoti 270 python benchmarks/gpu.py --anchors 2 --batch 1,64 --runs 20 --warmup 5 \
     --work "$dir/work" --json "$dir/gpu.json"
+step cli 90 python -m stitch_compile.cli bench "$dir/work/snnet_deit_ti_s.bundle" --device cuda:0 --cuda-graphs \
+    --batch 1,64 --runs 10 --warmup 3 --quiet
 step tests 150 python -m pytest -q -rs -k cuda tests/test_aoti.py tests/test_kernels.py
 step kernels 150 python benchmarks/kernels.py --check --breakdown --batch 64 --dtype fp16 fp32 --repeats 30
 rm -rf "$dir/work"  # the exported bundle: large, and rebuilt by the next run
