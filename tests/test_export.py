@@ -126,6 +126,26 @@ def test_parity_recorded_for_every_config(v1_bundle):
         assert all(0 <= v["max_rel"] <= 1e-4 for v in entry.values())
 
 
+def test_parity_reference_is_shared_by_targets(v1_net):
+    """Every target sees the same inputs per (config, batch) and one eager forward per pair; a
+    fresh seed gives other inputs, and a wrong graph shows as a relative error."""
+    from stitch_compile.export.parity import Reference, compare
+
+    ref = Reference(v1_net, seed=7)
+    x = ref.inputs(3, 4)
+    assert x.shape == (4, *v1_net.input_shape)
+    assert np.array_equal(x, Reference(v1_net, seed=7).inputs(3, 4))
+    assert not np.array_equal(x[:1], ref.inputs(3, 1)) and not np.array_equal(x, ref.inputs(4, 4))
+    assert not np.array_equal(x, Reference(v1_net).inputs(3, 4))
+    with torch.no_grad():
+        np.testing.assert_array_equal(ref.logits(3, 4), v1_net(torch.from_numpy(x), 3).numpy())
+    assert ref.logits(3, 4) is ref.logits(3, 4)
+    with torch.no_grad():
+        exact = compare(ref, 3, lambda a: v1_net(torch.from_numpy(a), 3).numpy())
+    assert all(e["max_rel"] == 0 for e in exact.values())
+    assert all(e["max_rel"] == 1 for e in compare(ref, 3, lambda a: np.zeros((len(a), 10), np.float32)).values())
+
+
 def test_manifest_describes_configs(v1_net, v1_bundle, v1_ckpt):
     m = v1_bundle.manifest
     assert m["family"] == "snnet_v1_vit" and len(m["anchors"]) == 3

@@ -11,7 +11,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import onnx
 import torch
 from tqdm import tqdm
@@ -26,7 +25,7 @@ from .aoti_target import build_aoti, build_key, check_aoti, keep_aoti_builds
 from .compose import compose_config, file_key, prepare_segment, standalone_segment
 from .fp16 import FP16_WEIGHTS, fp16_graphs
 from .ort_target import optimize
-from .parity import BATCHES, FP32_REL_TOL, REL_TOL, check_target, tolerance
+from .parity import BATCHES, FP32_REL_TOL, REL_TOL, Reference, check_target, tolerance
 from .tensorrt_ops import check_graphs
 from .tensorrt_script import OPT_BATCH, write_build_script
 from .tensorrt_target import build_engines, check_engines
@@ -71,7 +70,7 @@ def export(net: StitchableNet, out: str, targets="onnx", configs="all", opset: i
         manifest, store = _compile(net, tmp, ids, opset, quiet)
         manifest["compile_seconds"] = round(time.perf_counter() - started, 3)
         parity = {"tolerance_rel": FP32_REL_TOL, "batches": list(BATCHES), "targets": {}}
-        rng = np.random.default_rng(seed)
+        ref = Reference(net, seed)
         if "ort" in build:
             manifest["targets"]["ort"] = _build_ort(tmp, manifest["targets"]["onnx"]["graphs"], store, quiet)
         if "tensorrt" in build:
@@ -83,14 +82,14 @@ def export(net: StitchableNet, out: str, targets="onnx", configs="all", opset: i
         for name, target in manifest["targets"].items():
             if name == "aoti":
                 for bk, entry in target["builds"].items():
-                    parity["targets"][f"aoti:{bk}"] = check_aoti(net, tmp, bk, entry, ids, rng, quiet, FP32_REL_TOL)
+                    parity["targets"][f"aoti:{bk}"] = check_aoti(ref, tmp, bk, entry, ids, quiet, FP32_REL_TOL)
                 continue
             if target.get("engines"):
-                parity["targets"][name] = check_engines(net, tmp, target, rng, quiet)
+                parity["targets"][name] = check_engines(ref, tmp, target, quiet)
                 continue
             graphs = tuple(target["graphs"].items())
             if graphs not in checked:
-                checked[graphs] = check_target(net, tmp, target["graphs"], rng, name, quiet, tolerance(target))
+                checked[graphs] = check_target(ref, tmp, target["graphs"], name, quiet, tolerance(target))
             parity["targets"][name] = checked[graphs]
         if "aoti" in build:
             keep_aoti_builds(out, tmp, key, manifest, parity, report)

@@ -33,7 +33,7 @@ from ..bundle import load_bundle, sha256_file, write_json
 from ..errors import StitchError
 from ..hardware import hardware_model, torch_device
 from ..model.network import StitchableNet
-from .parity import compare, within
+from .parity import Reference, compare, within
 from .weights import WeightStore
 
 MAX_BATCH = 4096  # the exported batch dimension's range is 1..MAX_BATCH
@@ -197,19 +197,18 @@ def _locate(t: torch.Tensor, derived: WeightStore, rel_dir: str) -> dict:
             "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
 
 
-def check_aoti(net: StitchableNet, root: str, key: str, build: dict, ids: list[int], rng: np.random.Generator,
-               quiet: bool, rel_tol: float) -> dict:
+def check_aoti(ref: Reference, root: str, key: str, build: dict, ids: list[int], quiet: bool, rel_tol: float) -> dict:
     """Parity of every config's package chain (on its device) against the PyTorch net (on the CPU)."""
     dev = torch_device(build["device"])
     packages = AotiPackages(root, key, build, dev)
     results = {}
     for cid in tqdm(ids, desc=f"parity aoti {key}", disable=quiet, file=sys.stderr):
-        chain = packages.chain(list(net.configs[cid].route))
+        chain = packages.chain(list(ref.net.configs[cid].route))
 
         def run(x: np.ndarray, chain=chain) -> np.ndarray:
             return chain(torch.from_numpy(x).to(dev)).cpu().numpy()
 
-        results[str(cid)] = compare(net, cid, run, rng)
+        results[str(cid)] = compare(ref, cid, run)
     return within(results, f"aoti ({key})", rel_tol)
 
 

@@ -20,8 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import StitchError
-from ..model.network import StitchableNet
-from .parity import compare, tolerance, within
+from .parity import Reference, compare, tolerance, within
 from .tensorrt_script import OPT_BATCH, engine_key
 
 
@@ -105,7 +104,7 @@ class _EngineSession:
         return y.cpu().numpy()
 
 
-def check_engines(net: StitchableNet, root: str, target: dict, rng: np.random.Generator, quiet: bool) -> dict:
+def check_engines(ref: Reference, root: str, target: dict, quiet: bool) -> dict:
     """Parity of every refitted engine against PyTorch, at the target's precision tolerance."""
     import tensorrt as trt
 
@@ -114,5 +113,5 @@ def check_engines(net: StitchableNet, root: str, target: dict, rng: np.random.Ge
     results = {}
     for cid, rel in tqdm(target["engines"].items(), desc="parity tensorrt", disable=quiet, file=sys.stderr):
         engine = load_engine(runtime, logger, os.path.join(root, rel), os.path.join(root, target["graphs"][cid]))
-        results[cid] = compare(net, int(cid), _EngineSession(engine), rng)
+        results[cid] = compare(ref, int(cid), _EngineSession(engine))
     return within(results, "tensorrt", tolerance(target))

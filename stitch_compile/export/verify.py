@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 
 from ..bundle import load_bundle, sha256_file
 from ..errors import StitchError
 from ..model.network import StitchableNet
 from ..hardware import torch_device
 from .aoti_target import build_key, check_aoti
-from .parity import check_target, tolerance, worst_rel
+from .parity import Reference, check_target, tolerance, worst_rel
 
 
 def verify_bundle(root: str, net: StitchableNet | None = None, quiet: bool = True) -> list[str]:
@@ -36,16 +35,16 @@ def verify_bundle(root: str, net: StitchableNet | None = None, quiet: bool = Tru
         source = m["source"]["sha256"]
         if source and getattr(net, "source_path", None) and sha256_file(net.source_path) != source:
             raise StitchError(f"{root}: the checkpoint given is not the one this bundle was exported from (sha256 differs)")
-        rng = np.random.default_rng()
+        ref = Reference(net)
         for name, target in _parity_targets(m):
             if name.startswith("aoti:"):
                 key = name.split(":", 1)[1]
                 if not _runs_here(key, target):
                     lines.append(f"{name}: built for another device; parity not re-run here")
                     continue
-                fresh = check_aoti(net, root, key, target, [int(i) for i in ids], rng, quiet, tolerance(target))
+                fresh = check_aoti(ref, root, key, target, [int(i) for i in ids], quiet, tolerance(target))
             else:
-                fresh = check_target(net, root, target["graphs"], rng, name, quiet, tolerance(target))
+                fresh = check_target(ref, root, target["graphs"], name, quiet, tolerance(target))
             lines.append(f"{name}: parity re-run on fresh inputs, worst relative error "
                          f"{max(worst_rel(e) for e in fresh.values()):.2e}")
     return lines
