@@ -160,10 +160,15 @@ def staging(out: str):
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` in two renames."""
     out = os.path.abspath(out.rstrip("/\\"))
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise StitchError(f"{out}: exists and is not a folder; choose an empty or new --out folder")
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, MANIFEST)) and os.listdir(out):
         raise StitchError(f"{out}: exists and is not a bundle; choose an empty or new --out folder")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    except OSError as e:
+        raise StitchError(f"{out}: cannot create a bundle folder there ({e.strerror or e})") from None
     try:
         yield tmp
     except BaseException:

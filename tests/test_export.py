@@ -194,6 +194,22 @@ def test_failed_export_keeps_the_existing_bundle(v1_ckpt, tmp_path, capsys):
     assert [p for p in os.listdir(tmp_path) if "partial" in p] == []
 
 
+@pytest.mark.parametrize("where", ["file", "under_file", "folder"])
+def test_export_refuses_an_out_that_is_not_a_bundle_folder(v1_ckpt, tmp_path, capsys, where):
+    """--out naming a file, a path under a file, or a folder of other things: one line, exit 2,
+    and nothing on disk touched."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("mine too")
+    out = {"file": "notes.txt", "under_file": "notes.txt/b", "folder": "docs"}[where]
+    assert run_cli("export", v1_ckpt[0], "--out", tmp_path / out, "--configs", "0", "--quiet") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+    assert "--out" in err[0] or "bundle folder" in err[0]
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "docs" / "a.txt").read_text() == "mine too"
+    assert sorted(os.listdir(tmp_path)) == ["docs", "notes.txt"]
+
+
 def test_interrupted_export_never_leaves_a_bundle_that_looks_whole(v1_ckpt, tmp_path):
     out = tmp_path / "b"
     proc = subprocess.Popen([sys.executable, "-m", "stitch_compile.cli", "export", str(v1_ckpt[0]),
