@@ -8,8 +8,10 @@
 # Steps, most wanted first: AOTInductor per config with and without CUDA graphs at batch 1 and 64;
 # the CLI's `bench` on that bundle, as a user runs it (it writes the LUT); the CUDA tests; the
 # fused kernel's check and its time breakdown.
-# Needs stitch_compile importable (pip install -e ., or PYTHONPATH) and a CUDA device.
+# Needs stitch_compile importable (pip install -e ., or PYTHONPATH) and a CUDA device; runs
+# $PYTHON (default python3).
 set -u
+py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 dir=$(mkdir -p "${1:-gpu-results}" && cd "${1:-gpu-results}" && pwd)
 
@@ -21,12 +23,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep stdout+std
     echo "== $name: exit ${PIPESTATUS[0]} (124: out of time), ${SECONDS} s since the start"
 }
 
-python -c "import sys, torch, stitch_compile; torch.cuda.is_available() or sys.exit('gpu_check.sh: no CUDA device')" || exit 2
+$py -c "import sys, torch, stitch_compile; torch.cuda.is_available() or sys.exit('gpu_check.sh: no CUDA device')" || exit 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$dir/device.txt" 2>&1
-step aoti 270 python benchmarks/gpu.py --anchors 2 --batch 1,64 --runs 20 --warmup 5 \
+step aoti 270 $py benchmarks/gpu.py --anchors 2 --batch 1,64 --runs 20 --warmup 5 \
     --work "$dir/work" --json "$dir/gpu.json"
-step cli 90 python -m stitch_compile.cli bench "$dir/work/snnet_deit_ti_s.bundle" --device cuda:0 --cuda-graphs \
+step cli 90 $py -m stitch_compile.cli bench "$dir/work/snnet_deit_ti_s.bundle" --device cuda:0 --cuda-graphs \
     --batch 1,64 --runs 10 --warmup 3 --quiet
-step tests 150 python -m pytest -q -rs -k cuda tests/test_aoti.py tests/test_kernels.py
-step kernels 150 python benchmarks/kernels.py --check --breakdown --batch 64 --dtype fp16 fp32 --repeats 30
+step tests 150 $py -m pytest -q -rs -k cuda tests/test_aoti.py tests/test_kernels.py
+step kernels 150 $py benchmarks/kernels.py --check --breakdown --batch 64 --dtype fp16 fp32 --repeats 30
 rm -rf "$dir/work"  # the exported bundle: large, and rebuilt by the next run
