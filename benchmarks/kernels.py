@@ -125,7 +125,8 @@ def sweep(timer: Timer, inputs: list[torch.Tensor]) -> str:
     for t in stitch_ln.candidates(ca, dtype):
         ms = timer(lambda: stitch_ln.launch(*args, block_m=t.block_m, block_n=t.block_n))
         star = "*" if (t.block_m, t.block_n) == (default.block_m, default.block_n) else ""
-        parts.append(f"{t.block_m}x{t.block_n}{star}:{ms * 1e3:.1f}@{l2_bytes(m, ca, cb, t, dtype.itemsize) / ms / 1e9:.1f}")
+        tbs = l2_bytes(m, ca, cb, t, dtype.itemsize) / ms / 1e9
+        parts.append(f"{t.block_m}x{t.block_n}{star}:{ms * 1e3:.1f}@{tbs:.1f}")
     return "  us@L2 TB/s at BLOCK_MxBLOCK_N " + " ".join(parts)
 
 

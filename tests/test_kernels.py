@@ -266,9 +266,10 @@ def test_compiles_for_gpus_without_spills(arch, tmp_path):
     for dtype in DTYPES:
         tilings = default_tilings(dtype) | {t for ca, _ in FAMILY_SHAPES for t in candidates(ca, dtype)}
         for t in sorted(tilings):
+            # the op (PARTS 3); a launch also makes the int arguments equal to 1 constexpr
             constexprs = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
                           "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-                          "PARTS": 3, "stride_xk": 1, "stride_wk": 1}  # a launch makes int arguments equal to 1 constexpr
+                          "PARTS": 3, "stride_xk": 1, "stride_wk": 1}
             pointer = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
             signature = {name: "constexpr" if name in constexprs else pointer if name.endswith("_ptr")
                          else "fp32" if name == "eps" else "i32" for name in _stitch_ln_kernel.arg_names}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-
 from ..bundle import load_bundle, sha256_file
 from ..errors import StitchError
 from ..model.network import StitchableNet
