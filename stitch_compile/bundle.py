@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import operator
 import os
 import shutil
 import tempfile
@@ -61,9 +62,13 @@ class Bundle:
         return {c["id"]: c for c in self.manifest["configs"]}
 
     def config(self, config_id) -> dict:
+        """The manifest entry of an integer id (Python or numpy); a float, bool or string is an
+        unknown id, not rounded or parsed into one."""
         try:
-            return self.configs[int(config_id)]
-        except (KeyError, ValueError, TypeError):
+            if isinstance(config_id, bool):
+                raise TypeError
+            return self.configs[operator.index(config_id)]
+        except (KeyError, TypeError):
             ids = sorted(self.configs)
             raise StitchError(f"{self.root}: unknown config id {config_id!r}; this bundle has {len(ids)} configs, ids {ids[0]}..{ids[-1]}") from None
 

@@ -146,6 +146,11 @@ def test_lazy_mode_creates_each_config_once_on_first_use(exported, images, refer
 def test_bad_input_and_unknown_config_are_stitch_errors(runtime, images):
     with pytest.raises(sc.StitchError, match="unknown config id 5"):
         runtime.run(images, 5)
+    runtime.run(images, 1)  # resident now: the ids below must not reach it by hashing like 1
+    for not_an_id in (True, 1.0, "1", None):
+        with pytest.raises(sc.StitchError, match=f"unknown config id {not_an_id!r}"):
+            runtime.run(images, not_an_id)
+    np.testing.assert_array_equal(runtime.run(images, np.int64(1)), runtime.run(images, 1))
     with pytest.raises(sc.StitchError, match=r"takes \[batch, 3, 32, 32\]"):
         runtime.run(images[:, :, :16], 0)
     with pytest.raises(sc.StitchError, match="runs on 'cpu' only; use --backend aoti"):

@@ -52,10 +52,8 @@ class Runtime:
 
     def runner(self, config) -> Runner:
         """The resident runner of ``config`` (created on first use when not preloaded)."""
-        try:
-            runner = self._runners.get(config)
-        except TypeError:  # unhashable: bundle.config names the problem
-            runner = None
+        # fast path for a plain int only: True and 3.0 hash like 1 and 3 but are not ids
+        runner = self._runners.get(config) if type(config) is int else None
         if runner is None:
             cid = int(self.bundle.config(config)["id"])
             with self._lock:
