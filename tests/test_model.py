@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -81,6 +82,10 @@ def test_v2_net_configs_match_reference(request, net_name, ckpt_name, depths):
         net.configs[UNUSED_V2_ID]
     with pytest.raises(StitchError, match="13"):
         net(images(), UNUSED_V2_ID)
+    for not_an_id in (True, 1.0, "1"):  # ids are integers: not converted into config 1
+        with pytest.raises(StitchError, match=f"unknown config id {not_an_id!r}"):
+            net.configs[not_an_id]
+    assert net.configs[np.int64(1)] is net.configs[1]
 
 
 # ---- 2. forward against the independent reference --------------------------------------------

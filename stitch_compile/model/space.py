@@ -7,6 +7,7 @@ fold over routes, so a family only has to say which segments exist and which rou
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
@@ -91,9 +92,12 @@ class StitchSpace:
             raise ValueError("duplicate config ids")
 
     def __getitem__(self, config_id: int) -> StitchConfig:
+        """An integer id (Python or numpy); a float, bool or string is unknown, not converted."""
         try:
-            return self._by_id[int(config_id)]
-        except (KeyError, ValueError, TypeError):
+            if isinstance(config_id, bool):
+                raise TypeError
+            return self._by_id[operator.index(config_id)]
+        except (KeyError, TypeError):
             raise StitchError(f"unknown config id {config_id!r}: valid ids are {self.id_ranges()}") from None
 
     def __contains__(self, config_id) -> bool:
