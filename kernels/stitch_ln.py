@@ -10,7 +10,9 @@ Each program owns ``BLOCK_M`` rows and walks their Cb columns in ``BLOCK_N`` chu
 
 So ``out`` is written once and read once from L2, never from DRAM, and the register tile is
 ``BLOCK_M x BLOCK_N`` whatever Cb is: the row tile stays large enough to feed tensor cores and to
-read W from L2 only ``M / BLOCK_M`` times. This module only launches; checks live in ``ops``.
+read W from L2 only ``M / BLOCK_M`` times. ``stitch_ln_tiles`` holds the other schedule, 2-D
+tiles that exchange row statistics; ``launch`` runs either. This module only launches; checks live
+in ``ops``.
 """
 
 from __future__ import annotations
@@ -22,15 +24,23 @@ import torch
 import triton
 import triton.language as tl
 
+from .stitch_ln_tiles import _stitch_ln_tiles_kernel
+
 # Budgets checked offline by compiling for sm_80 and sm_90 (tests/test_kernels.py, slow): with
 # them no tiling spills a register and shared memory stays within an A100's 163 KB. The epilogue
 # keeps about three BLOCK_M x BLOCK_N fp32 tiles live (accumulator, centred values, stores), so a
 # thread holds at most 64 accumulators (128x128 or 64x256 at 8 warps); fp32's FMA dot (no tensor
 # cores) also holds its operands in registers and gets half. Above half the budget: 8 warps.
 ACC_BUDGET = {torch.float16: 16384, torch.bfloat16: 16384, torch.float32: 8192}  # BLOCK_M x BLOCK_N
+# The tile schedule's fp32 64 x 128 spills on sm_90, so its fp32 tiles get half.
+TILE_ACC_BUDGET = {**ACC_BUDGET, torch.float32: 4096}
 TILE_BYTES = 128 * 1024  # bound on NUM_STAGES x BLOCK_K x (BLOCK_M + BLOCK_N) operand bytes
 NUM_STAGES = 3
 PROGRAMS = 132  # about one program per SM of an H100 / H200 (an A100 has 108)
+# "rows": whole rows per program (measured, docs/kernels.md). "tiles": 2-D tiles exchanging row
+# statistics, not yet timed on a GPU; the op switches once benchmarks/kernels.py shows it faster.
+SCHEDULES = ("rows", "tiles")
+SCHEDULE = "rows"
 
 
 class Tiling(NamedTuple):
@@ -43,21 +53,37 @@ class Tiling(NamedTuple):
     num_stages: int
 
 
+class Workspace(NamedTuple):
+    """The tile schedule's exchange: per-tile row statistics and per-row-tile arrival counters."""
+
+    stats: torch.Tensor  # [3, tiles per row, M] float32: shift, centred mean, M2
+    counts: torch.Tensor  # [row tiles] int32, zero at launch
+
+
+def workspace(m: int, cb: int, t: Tiling, device: torch.device) -> Workspace:
+    """A fresh workspace for one launch of the tile schedule (counters zeroed)."""
+    return Workspace(torch.empty((3, triton.cdiv(cb, t.block_n), m), dtype=torch.float32, device=device),
+                     torch.zeros(triton.cdiv(m, t.block_m), dtype=torch.int32, device=device))
+
+
 @functools.lru_cache(maxsize=256)
 def tiling(m: int, ca: int, cb: int, dtype: torch.dtype, block_m: int | None = None,
-           block_n: int | None = None) -> Tiling:
+           block_n: int | None = None, schedule: str = "rows") -> Tiling:
     """Pick tiles from the shape alone (no autotuning: deterministic, and runs in the interpreter).
 
     ``block_m``: the largest of 128/64/32/16 that still gives ``PROGRAMS`` programs (small batches
-    get small tiles and more programs). ``block_n``: the chunk of at most 128 columns within
-    ``ACC_BUDGET`` that pads Cb least (largest on ties): on an H200 at batch 64, 64 x 128 was the
-    fastest swept tiling in fp16 and bf16 (docs/kernels.md). ``block_m`` / ``block_n`` override
-    the rule; the benchmark sweeps them to tune it on a GPU.
+    get small tiles and more programs; the tile schedule counts a program per 128 columns).
+    ``block_n``: the chunk of at most 128 columns within ``ACC_BUDGET`` that pads Cb least
+    (largest on ties): on an H200 at batch 64, 64 x 128 was the fastest swept row-schedule tiling
+    in fp16 and bf16 (docs/kernels.md). ``block_m`` / ``block_n`` override the rule; the benchmark
+    sweeps them to tune it on a GPU.
     """
     if block_m is None:
-        block_m = next((b for b in (128, 64, 32) if triton.cdiv(m, b) >= PROGRAMS), 16)
+        per_row = triton.cdiv(cb, 128) if schedule == "tiles" else 1
+        block_m = next((b for b in (128, 64, 32) if triton.cdiv(m, b) * per_row >= PROGRAMS), 16)
+    budget = (ACC_BUDGET if schedule == "rows" else TILE_ACC_BUDGET)[dtype]
     if block_n is None:
-        fits = [b for b in (128, 64, 32, 16) if block_m * b <= ACC_BUDGET[dtype]]
+        fits = [b for b in (128, 64, 32, 16) if block_m * b <= budget]
         block_n = min(fits, key=lambda b: (triton.cdiv(cb, b) * b, -b))
     block_k = 128 // dtype.itemsize  # 64 for 16-bit; fp32 FMA dot operands live in registers
     while block_k > 16 and NUM_STAGES * block_k * (block_m + block_n) * dtype.itemsize > TILE_BYTES:
@@ -67,11 +93,12 @@ def tiling(m: int, ca: int, cb: int, dtype: torch.dtype, block_m: int | None = N
     return Tiling(block_m, block_n, block_k, num_warps, NUM_STAGES)
 
 
-def candidates(ca: int, dtype: torch.dtype) -> list[Tiling]:
+def candidates(ca: int, dtype: torch.dtype, schedule: str = "rows") -> list[Tiling]:
     """Every row tile x column chunk of 4096 accumulators or more within the budgets: what the
     benchmark sweeps and the slow test compiles, so any of them can become the default."""
-    return [tiling(0, ca, 0, dtype, bm, bn) for bm in (16, 32, 64, 128) for bn in (64, 128, 256)
-            if 4096 <= bm * bn <= ACC_BUDGET[dtype]]
+    budget = (ACC_BUDGET if schedule == "rows" else TILE_ACC_BUDGET)[dtype]
+    return [tiling(0, ca, 0, dtype, bm, bn, schedule) for bm in (16, 32, 64, 128) for bn in (64, 128, 256)
+            if 4096 <= bm * bn <= budget]
 
 
 @triton.jit
@@ -143,39 +170,58 @@ def _stitch_ln_kernel(
             tl.store(normed_ptr + offs, normed.to(normed_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.cache
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,
            ln_bias: torch.Tensor, eps: float, out: torch.Tensor, normed: torch.Tensor,
-           block_m: int | None = None, block_n: int | None = None, parts: int = 3):
+           block_m: int | None = None, block_n: int | None = None, parts: int = 3,
+           schedule: str = SCHEDULE, exchange: Workspace | None = None):
     """Write into caller-owned contiguous ``out`` and ``normed`` [M, Cb] for validated 2-D ``x``.
 
     Caller-owned buffers let tests poison them and the benchmark sweep the tiles; ``parts`` < 3
-    runs only part of the op (see the kernel) so that the benchmark can time the parts. fp32
-    follows torch's TF32 switch for matmuls, so fused and unfused agree on precision. Returns
-    Triton's compiled kernel (registers, spills and shared memory for the benchmark), or None
-    when there are no rows.
+    runs only part of the row schedule's kernel so that the benchmark can time the parts.
+    ``exchange`` is the tile schedule's workspace (a fresh one by default; Triton's interpreter runs
+    programs one at a time, so there a row of several tiles needs counters filled in advance, as
+    the tests do). fp32 follows torch's TF32 switch for matmuls, so fused and unfused agree on
+    precision. Returns Triton's compiled kernel (registers, spills and shared memory for the
+    benchmark), or None when there are no rows.
     """
+    if schedule not in SCHEDULES or (schedule == "tiles" and parts != 3):
+        raise ValueError(f"schedule {schedule!r} with parts {parts}: expected one of {SCHEDULES}, parts only for 'rows'")
     m, ca = x.shape
     if m == 0:
         return None
     cb = weight.shape[0]
-    t = tiling(m, ca, cb, x.dtype, block_m, block_n)
+    t = tiling(m, ca, cb, x.dtype, block_m, block_n, schedule)
+    if schedule == "tiles" and x.is_cuda and triton.cdiv(cb, t.block_n) > _sms(x.device):
+        # a row's tiles wait for each other: they must all be resident, at least one per SM
+        schedule, t = "rows", tiling(m, ca, cb, x.dtype, block_m, block_n)
     ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    args = (x, weight, bias.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(), out, normed,
-            m, ca, cb, *x.stride(), *weight.stride(), eps)
+    vectors = (bias.contiguous(), ln_weight.contiguous(), ln_bias.contiguous())
+    sizes = (m, ca, cb, *x.stride(), *weight.stride(), eps)
     kwargs = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
               "INPUT_PRECISION": "ieee" if ieee else "tf32",  # tf32, Triton's default, only affects fp32
-              "PARTS": parts, "num_warps": t.num_warps, "num_stages": t.num_stages}
-    grid = (triton.cdiv(m, t.block_m),)
+              "num_warps": t.num_warps, "num_stages": t.num_stages}
+    if schedule == "rows":
+        kernel, args, grid = _stitch_ln_kernel, (x, weight, *vectors, out, normed, *sizes), triton.cdiv(m, t.block_m)
+        kwargs["PARTS"] = parts
+    else:
+        exchange = exchange or workspace(m, cb, t, x.device)
+        kernel, args = _stitch_ln_tiles_kernel, (x, weight, *vectors, out, normed, *exchange, *sizes)
+        grid = triton.cdiv(m, t.block_m) * triton.cdiv(cb, t.block_n)
     if x.device.type != "cuda" or x.device.index == torch.cuda.current_device():
-        return _stitch_ln_kernel[grid](*args, **kwargs)
+        return kernel[(grid,)](*args, **kwargs)
     with torch.cuda.device_of(x):  # Triton launches on the current device, not x's
-        return _stitch_ln_kernel[grid](*args, **kwargs)
+        return kernel[(grid,)](*args, **kwargs)
 
 
 def stitch_linear_ln(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,
-                     ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     ln_bias: torch.Tensor, eps: float, schedule: str = SCHEDULE) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, LayerNorm(out))`` as new contiguous [M, Cb] tensors for validated 2-D ``x`` [M, Ca]."""
     out = x.new_empty((x.shape[0], weight.shape[0]))
     normed = torch.empty_like(out)
-    launch(x, weight, bias, ln_weight, ln_bias, eps, out, normed)
+    launch(x, weight, bias, ln_weight, ln_bias, eps, out, normed, schedule=schedule)
     return out, normed

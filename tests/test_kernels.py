@@ -119,21 +119,43 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 
 
-def run_poisoned(kernel, t: dict[str, torch.Tensor], guard: int = 5, **tiles) -> tuple[torch.Tensor, torch.Tensor]:
+def run_poisoned(kernel, t: dict[str, torch.Tensor], guard: int = 5, schedule: str = "rows",
+                 **tiles) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch into NaN-poisoned buffers with ``guard`` extra rows that must stay NaN.
 
     ``tiles`` (``block_m``, ``block_n``) override ``tiling``'s choice."""
     m, cb = t["x"].shape[0], t["weight"].shape[0]
     bufs = [torch.full((m + guard, cb), float("nan"), dtype=t["x"].dtype, device=t["x"].device) for _ in range(2)]
-    kernel.launch(t["x"], t["weight"], t["bias"], t["ln_weight"], t["ln_bias"], EPS, bufs[0][:m], bufs[1][:m], **tiles)
+    args = (t["x"], t["weight"], t["bias"], t["ln_weight"], t["ln_bias"], EPS, bufs[0][:m], bufs[1][:m])
+    if schedule == "tiles" and INTERPRETED:
+        launch_tiles_interpreted(kernel, args, tiles)
+    else:
+        kernel.launch(*args, schedule=schedule, **tiles)
     for buf in bufs:
         assert buf[m:].isnan().all(), "kernel wrote past the last row"
     return bufs[0][:m], bufs[1][:m]
 
 
-def check_kernel(kernel, gen, m, ca, cb, dtype, device="cpu", layout=lambda t: t, **tiles):
+def launch_tiles_interpreted(kernel, args: tuple, tiles: dict) -> None:
+    """The tile schedule in the interpreter, which runs programs one after another: a tile that
+    waits for a later tile of its row would spin forever. So the counters start full and the
+    kernel runs twice: the first launch publishes every tile's statistics, the second reads them.
+    This checks the exchange's arithmetic; the CUDA tests check its synchronisation."""
+    x, weight = args[0], args[1]
+    (m, ca), cb = x.shape, weight.shape[0]
+    t = kernel.tiling(m, ca, cb, x.dtype, schedule="tiles", **tiles)
+    exchange = kernel.workspace(m, cb, t, x.device)
+    exchange.stats.zero_()
+    per_row = -(-cb // t.block_n)
+    exchange.counts.fill_(per_row)
+    for _ in range(2):
+        kernel.launch(*args, schedule="tiles", exchange=exchange, **tiles)
+    assert (exchange.counts == 3 * per_row).all(), "every tile must arrive once per launch"
+
+
+def check_kernel(kernel, gen, m, ca, cb, dtype, device="cpu", layout=lambda t: t, schedule="rows", **tiles):
     t = layout({k: v.to(device) for k, v in make_inputs(gen, m, ca, cb, dtype).items()})
-    out, normed = run_poisoned(kernel, t, **tiles)
+    out, normed = run_poisoned(kernel, t, schedule=schedule, **tiles)
     want_out, want_normed = reference(t)
     assert not out.isnan().any() and not normed.isnan().any(), "some output element was never written"
     assert rel_err(out, want_out) < TOLERANCE[dtype]
@@ -144,24 +166,27 @@ def check_kernel(kernel, gen, m, ca, cb, dtype, device="cpu", layout=lambda t: t
 # Cb below tl.dot's minimum tile side of 16.
 SMALL_SHAPES = [(17, 40, 72), (197, 64, 128), (33, 24, 8)]
 FAMILY_SHAPES = [(192, 384), (384, 768), (384, 1024), (1024, 384)]  # (Ca, Cb) of the DeiT / DeiT-3 SN-Nets
+SCHEDULES = ["rows", "tiles"]
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m,ca,cb", SMALL_SHAPES)
 @interpreted
-def test_interp_matches_float64(kernel, gen, bf16_dot, m, ca, cb, dtype):
-    check_kernel(kernel, gen, m, ca, cb, dtype)
+def test_interp_matches_float64(kernel, gen, bf16_dot, m, ca, cb, dtype, schedule):
+    check_kernel(kernel, gen, m, ca, cb, dtype, schedule=schedule)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @interpreted
-def test_interp_strided_inputs(kernel, gen):
+def test_interp_strided_inputs(kernel, gen, schedule):
     """A column slice of x and a transposed view of W are read through their strides."""
     def layout(t):
         t["x"] = torch.cat([t["x"], t["x"]], dim=1)[:, 3:3 + t["x"].shape[1]]
         t["weight"] = t["weight"].t().contiguous().t()
         return t
 
-    check_kernel(kernel, gen, 29, 40, 72, torch.float32, layout=layout)
+    check_kernel(kernel, gen, 29, 40, 72, torch.float32, layout=layout, schedule=schedule)
 
 
 @interpreted
@@ -171,21 +196,37 @@ def test_interp_empty_input(kernel):
     assert out.shape == normed.shape == (0, 72)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @interpreted
-def test_interp_column_chunks(kernel, gen, bf16_dot, dtype):
+def test_interp_column_chunks(kernel, gen, bf16_dot, dtype, schedule):
     """Cb = 200 in chunks of 64 (the last one 8 columns wide), 2 row tiles with a ragged last one."""
-    check_kernel(kernel, gen, 23, 40, 200, dtype, block_m=16, block_n=64)
+    check_kernel(kernel, gen, 23, 40, 200, dtype, schedule=schedule, block_m=16, block_n=64)
 
 
+@interpreted
+def test_interp_tile_schedule_single_tile_rows(kernel, gen):
+    """With one tile per row, the tile schedule runs as on a GPU, counters from zero: each tile
+    arrives, finds its row complete and goes on (nothing to wait for in the interpreter)."""
+    t = make_inputs(gen, 37, 40, 72, torch.float32)
+    out, normed = torch.full((37, 72), float("nan")), torch.full((37, 72), float("nan"))
+    tiling = kernel.tiling(37, 40, 72, torch.float32, block_m=16, block_n=128, schedule="tiles")
+    exchange = kernel.workspace(37, 72, tiling, "cpu")
+    kernel.launch(*t.values(), EPS, out, normed, block_m=16, block_n=128, schedule="tiles", exchange=exchange)
+    assert exchange.counts.tolist() == [1, 1, 1]
+    for got, want in zip((out, normed), reference(t)):
+        assert rel_err(got, want) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("tiles", [{}, {"block_m": 16, "block_n": 64}], ids=["default", "chunked"])
 @interpreted
-def test_interp_mean_heavy_rows(kernel, gen, tiles):
+def test_interp_mean_heavy_rows(kernel, gen, tiles, schedule):
     """Rows of `out` with mean ~1e3 and std ~1: a sum / sum-of-squares variance cancels here
     (checked below on the same values), the kernel's shifted Chan merge meets the fp32 limit."""
     t = make_inputs(gen, 37, 40, 200, torch.float32)
     t["bias"] += 1e3
-    out, normed = run_poisoned(kernel, t, **tiles)
+    out, normed = run_poisoned(kernel, t, schedule=schedule, **tiles)
     assert rel_err(out, reference(t)[0]) < TOLERANCE[torch.float32]
     # normed is LayerNorm of the stored (rounded) out: compare with exactly that, in float64
     d = {k: v.double() for k, v in t.items()}
@@ -213,47 +254,52 @@ def test_interp_partial_runs(kernel, gen):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("ca,cb", FAMILY_SHAPES)
 @interpreted
-def test_interp_family_shapes(kernel, gen, bf16_dot, ca, cb, dtype):
-    check_kernel(kernel, gen, 197, ca, cb, dtype)
+def test_interp_family_shapes(kernel, gen, bf16_dot, ca, cb, dtype, schedule):
+    check_kernel(kernel, gen, 197, ca, cb, dtype, schedule=schedule)
 
 
 BATCH_ROWS = [197, 8 * 197, 64 * 197]  # M at batch 1, 8 and 64
 
 
-def default_tilings(dtype) -> set:
+def default_tilings(dtype, schedule: str) -> set:
     """Every tiling the family shapes get by default at batch 1, 8 and 64 (shape enters only here)."""
     from stitch_compile.kernels.stitch_ln import tiling
 
-    return {tiling(m, ca, cb, dtype) for m in BATCH_ROWS for ca, cb in FAMILY_SHAPES}
+    return {tiling(m, ca, cb, dtype, schedule=schedule) for m in BATCH_ROWS for ca, cb in FAMILY_SHAPES}
 
 
-def test_tiling_within_budgets():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_tiling_within_budgets(schedule):
     from triton import cdiv
 
-    from stitch_compile.kernels.stitch_ln import ACC_BUDGET, PROGRAMS, TILE_BYTES, tiling
+    from stitch_compile.kernels.stitch_ln import ACC_BUDGET, PROGRAMS, TILE_ACC_BUDGET, TILE_BYTES, tiling
 
+    budget = ACC_BUDGET if schedule == "rows" else TILE_ACC_BUDGET
     for ca, cb in [(40, 72), (40, 200), (24, 8)] + FAMILY_SHAPES:
         for m in [1, 17] + BATCH_ROWS:
             for dtype in DTYPES:
-                t = tiling(m, ca, cb, dtype)
+                t = tiling(m, ca, cb, dtype, schedule=schedule)
                 assert t.block_m in (16, 32, 64, 128) and 16 <= t.block_n <= 128 and 16 <= t.block_k <= 64
-                assert t.block_m * t.block_n <= ACC_BUDGET[dtype]
+                assert t.block_m * t.block_n <= budget[dtype]
                 assert t.num_stages * t.block_k * (t.block_m + t.block_n) * dtype.itemsize <= TILE_BYTES
-                assert t.block_m == 16 or cdiv(m, t.block_m) >= PROGRAMS, "too few programs for the SMs"
-    assert tiling(64 * 197, 384, 1024, torch.float16).block_m >= 64, "batch 64 must get tensor-core sized row tiles"
-    assert tiling(197, 384, 384, torch.float16).block_n == 128, "Cb = 384: three unpadded chunks"
+                per_row = cdiv(cb, 128) if schedule == "tiles" else 1
+                assert t.block_m == 16 or cdiv(m, t.block_m) * per_row >= PROGRAMS, "too few programs for the SMs"
+    big = tiling(64 * 197, 384, 1024, torch.float16, schedule=schedule)
+    assert big.block_m >= 64 and big.block_n == 128, "batch 64 must get tensor-core sized tiles"
+    assert tiling(197, 384, 384, torch.float16, schedule=schedule).block_n == 128, "Cb = 384: three unpadded chunks"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="compiles the real kernel")
 @pytest.mark.parametrize("arch", [80, 90])
 def test_compiles_for_gpus_without_spills(arch, tmp_path):
-    """No GPU needed: Triton compiles every default and swept tiling for an A100 / H100 target and
-    cuobjdump reports the cubin's register spills (STACK) and shared memory, the first things that
-    would break on a real card."""
+    """No GPU needed: Triton compiles every default and swept tiling of both schedules for an
+    A100 / H100 target and cuobjdump reports the cubin's register spills (STACK) and shared
+    memory, the first things that would break on a real card."""
     import re
 
     import triton
@@ -262,28 +308,31 @@ def test_compiles_for_gpus_without_spills(arch, tmp_path):
     from triton.compiler import ASTSource
 
     from stitch_compile.kernels.stitch_ln import _stitch_ln_kernel, candidates
+    from stitch_compile.kernels.stitch_ln_tiles import _stitch_ln_tiles_kernel
 
-    for dtype in DTYPES:
-        tilings = default_tilings(dtype) | {t for ca, _ in FAMILY_SHAPES for t in candidates(ca, dtype)}
+    kernels = {"rows": (_stitch_ln_kernel, {"PARTS": 3}), "tiles": (_stitch_ln_tiles_kernel, {})}
+    workspace = {"stats_ptr": "*fp32", "count_ptr": "*i32"}
+    for (schedule, (kernel, extra)), dtype in ((k, d) for k in kernels.items() for d in DTYPES):
+        tilings = default_tilings(dtype, schedule) | {t for ca, _ in FAMILY_SHAPES for t in candidates(ca, dtype, schedule)}
         for t in sorted(tilings):
-            # the op (PARTS 3); a launch also makes the int arguments equal to 1 constexpr
+            # a launch also makes the int arguments equal to 1 (the unit strides) constexpr
             constexprs = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
                           "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-                          "PARTS": 3, "stride_xk": 1, "stride_wk": 1}
+                          "stride_xk": 1, "stride_wk": 1, **extra}
             pointer = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-            signature = {name: "constexpr" if name in constexprs else pointer if name.endswith("_ptr")
-                         else "fp32" if name == "eps" else "i32" for name in _stitch_ln_kernel.arg_names}
+            signature = {name: "constexpr" if name in constexprs else workspace.get(name, pointer) if name.endswith("_ptr")
+                         else "fp32" if name == "eps" else "i32" for name in kernel.arg_names}
             # what a launch with contiguous, 16-byte aligned tensors specialises on
             aligned = {n for n in signature if n.endswith("_ptr")} | {"CA", "CB", "stride_xm", "stride_wn"}
             attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(signature) if n in aligned}
-            compiled = triton.compile(ASTSource(_stitch_ln_kernel, signature, constexprs, attrs),
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
                                       target=GPUTarget("cuda", arch, 32),
                                       options={"num_warps": t.num_warps, "num_stages": t.num_stages})
             cubin = tmp_path / "stitch_ln.cubin"
             cubin.write_bytes(compiled.asm["cubin"])
             usage = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", str(cubin)],
                                    capture_output=True, text=True, check=True).stdout
-            where = f"sm_{arch} {dtype} {t}"
+            where = f"sm_{arch} {schedule} {dtype} {t}"
             assert int(re.search(r"STACK:(\d+)", usage).group(1)) == 0, f"{where} spills registers: {usage}"
             assert compiled.metadata.shared <= 160 * 1024, f"{where} needs {compiled.metadata.shared} B of shared memory"
 
@@ -388,12 +437,27 @@ def test_fused_route_exports(nets):
 # ---- on a GPU: the compiled Triton kernel itself --------------------------------------------------
 
 @cuda
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m,ca,cb", SMALL_SHAPES + [(8 * 197, ca, cb) for ca, cb in FAMILY_SHAPES])
-def test_cuda_kernel_matches_float64(gen, m, ca, cb, dtype):
+@pytest.mark.parametrize("m,ca,cb", SMALL_SHAPES + [(8 * 197, ca, cb) for ca, cb in FAMILY_SHAPES + [(384, 2048)]])
+def test_cuda_kernel_matches_float64(gen, m, ca, cb, dtype, schedule):
     from stitch_compile.kernels import stitch_ln
 
-    check_kernel(stitch_ln, gen, m, ca, cb, dtype, device="cuda")
+    check_kernel(stitch_ln, gen, m, ca, cb, dtype, device="cuda", schedule=schedule)
+
+
+@cuda
+def test_cuda_tile_schedule_repeats(gen):
+    """The tile schedule's tiles wait for each other through counters: run it many times at batch
+    64 (hundreds of rows, several waves) and every run must give the same, right answer."""
+    from stitch_compile.kernels import stitch_ln
+
+    t = {k: v.cuda() for k, v in make_inputs(gen, 64 * 197, 384, 1024, torch.float16).items()}
+    first = stitch_ln.stitch_linear_ln(*t.values(), EPS, schedule="tiles")
+    assert rel_err(first[1], reference(t)[1]) < TOLERANCE[torch.float16]
+    for _ in range(50):
+        again = stitch_ln.stitch_linear_ln(*t.values(), EPS, schedule="tiles")
+        assert all(torch.equal(a, b) for a, b in zip(again, first))
 
 
 @cuda
