@@ -6,8 +6,9 @@
 #   bash benchmarks/gpu_check.sh [DIR]      # DIR defaults to gpu-results/
 #
 # Steps, most wanted first: AOTInductor per config with and without CUDA graphs at batch 1 and 64;
-# the CLI's `bench` on that bundle, as a user runs it (it writes the LUT); the CUDA tests; the
-# fused kernel's check and its time breakdown.
+# the fused kernel's CUDA tests (both schedules, the tile schedule's waits included), then its
+# check, sweep and time breakdown; the CLI's `bench` on the AOTInductor bundle, as a user runs it
+# (it writes the LUT); the AOTInductor CUDA tests. The limits add up to 570 s.
 # Needs stitch_compile importable (pip install -e ., or PYTHONPATH) and a CUDA device; runs
 # $PYTHON (default python3).
 set -u
@@ -25,10 +26,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep stdout+std
 
 $py -c "import sys, torch, stitch_compile; torch.cuda.is_available() or sys.exit('gpu_check.sh: no CUDA device')" || exit 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$dir/device.txt" 2>&1
-step aoti 270 $py benchmarks/gpu.py --anchors 2 --batch 1,64 --runs 20 --warmup 5 \
+step aoti 240 $py benchmarks/gpu.py --anchors 2 --batch 1,64 --runs 20 --warmup 5 \
     --work "$dir/work" --json "$dir/gpu.json"
-step cli 90 $py -m stitch_compile.cli bench "$dir/work/snnet_deit_ti_s.bundle" --device cuda:0 --cuda-graphs \
+step kernel-tests 60 $py -m pytest -q -rs -k cuda tests/test_kernels.py
+step kernels 120 $py benchmarks/kernels.py --check --sweep --breakdown --batch 64 --dtype fp16 --repeats 30
+step cli 60 $py -m stitch_compile.cli bench "$dir/work/snnet_deit_ti_s.bundle" --device cuda:0 --cuda-graphs \
     --batch 1,64 --runs 10 --warmup 3 --quiet
-step tests 150 $py -m pytest -q -rs -k cuda tests/test_aoti.py tests/test_kernels.py
-step kernels 150 $py benchmarks/kernels.py --check --breakdown --batch 64 --dtype fp16 --repeats 30
+step aoti-tests 90 $py -m pytest -q -rs -k cuda tests/test_aoti.py
 rm -rf "$dir/work"  # the exported bundle: large, and rebuilt by the next run

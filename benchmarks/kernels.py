@@ -1,6 +1,8 @@
 """Fused stitching kernel vs eager ``F.linear`` + ``F.layer_norm`` vs ``torch.compile`` of the same.
 
 Shapes are the stitching layers of the DeiT (SN-Net v1) and DeiT-3 (SN-Netv2) SN-Nets, 197 tokens.
+"fused" is the op (``stitch_linear_ln``, its default schedule); "tiles" is the tile schedule
+(``stitch_ln`` with ``schedule="tiles"``), timed beside it to decide which the op should use.
 Each time is the median over ``--repeats`` single calls bracketed by CUDA events, after warm-up,
 with L2 flushed before every call. Bandwidth is the fused op's minimal traffic (read x, W and the
 vectors; write ``out`` and ``normed``) over the time, shown against a device-to-device copy
@@ -78,19 +80,18 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 
 
-def check(cases, fused) -> bool:
-    """Fused and eager outputs against a float64 reference of the same inputs, on the GPU."""
+def check(cases, kernels: dict) -> bool:
+    """Each kernel's and eager's outputs against a float64 reference of the same inputs, on the GPU."""
     ok = True
     for batch, ca, cb, dtype in cases:
         inputs = make_inputs(batch, ca, cb, dtype)
         want = unfused(*(t.double() for t in inputs))
         errors = {name: [rel_err(g, w) for g, w in zip(fn(*inputs), want)]
-                  for name, fn in (("fused", fused), ("eager", unfused))}
-        good = max(errors["fused"]) < TOLERANCE[dtype]
+                  for name, fn in {**kernels, "eager": unfused}.items()}
+        good = all(max(errors[name]) < TOLERANCE[dtype] for name in kernels)
         ok &= good
-        print(f"check {NAMES[dtype]} batch {batch:3} {ca:4}->{cb:<4}  rel err out/normed: "
-              f"fused {errors['fused'][0]:.1e}/{errors['fused'][1]:.1e}  "
-              f"eager {errors['eager'][0]:.1e}/{errors['eager'][1]:.1e}  {'ok' if good else 'FAIL'}")
+        shown = "  ".join(f"{name} {e[0]:.1e}/{e[1]:.1e}" for name, e in errors.items())
+        print(f"check {NAMES[dtype]} batch {batch:3} {ca:4}->{cb:<4}  rel err out/normed: {shown}  {'ok' if good else 'FAIL'}")
     return ok
 
 
@@ -99,12 +100,17 @@ def traffic_bytes(batch: int, ca: int, cb: int, dtype: torch.dtype) -> int:
     return dtype.itemsize * (m * ca + cb * ca + 3 * cb + 2 * m * cb)
 
 
-def l2_bytes(m: int, ca: int, cb: int, t, itemsize: int) -> int:
-    """Bytes between L2 and the SMs by the kernel's schedule: per column chunk, each program reads
-    its x rows and the chunk's W columns again; `out` is written, read back, and `normed` written.
-    Time tracking this across tilings would mean the kernel is bound by L2 bandwidth."""
-    programs, chunks = -(-m // t.block_m), -(-cb // t.block_n)
-    return itemsize * (programs * chunks * (t.block_m * ca + ca * t.block_n) + 3 * m * cb)
+def l2_bytes(m: int, ca: int, cb: int, t, itemsize: int, schedule: str) -> int:
+    """Bytes between L2 and the SMs by the kernel's schedule: for each row tile and column chunk,
+    a program reads the tile's x rows and the chunk's W columns; `out` is written and `normed`
+    written, and the row schedule also reads `out` back, the tile schedule the row statistics
+    (3 floats per row and tile, read by every tile of the row). Time tracking this across tilings
+    would mean the kernel is bound by L2 bandwidth."""
+    row_tiles, chunks = -(-m // t.block_m), -(-cb // t.block_n)
+    operands = itemsize * row_tiles * chunks * (t.block_m * ca + ca * t.block_n)
+    if schedule == "rows":
+        return operands + 3 * itemsize * m * cb
+    return operands + 2 * itemsize * m * cb + 12 * m * chunks * (1 + chunks)
 
 
 def kernel_args(inputs: list[torch.Tensor]) -> tuple:
@@ -115,19 +121,23 @@ def kernel_args(inputs: list[torch.Tensor]) -> tuple:
 
 
 def sweep(timer: Timer, inputs: list[torch.Tensor]) -> str:
-    """Time the kernel at every row tile x column chunk within the budgets; '*' marks the default."""
+    """Time both schedules at every row tile x column chunk within the budgets; '*' marks each
+    schedule's default."""
     from stitch_compile.kernels import stitch_ln
 
     args = kernel_args(inputs)
     (m, ca), cb, dtype = args[0].shape, args[1].shape[0], args[0].dtype
-    default = stitch_ln.tiling(m, ca, cb, dtype)
-    parts = []
-    for t in stitch_ln.candidates(ca, dtype):
-        ms = timer(lambda: stitch_ln.launch(*args, block_m=t.block_m, block_n=t.block_n))
-        star = "*" if (t.block_m, t.block_n) == (default.block_m, default.block_n) else ""
-        tbs = l2_bytes(m, ca, cb, t, dtype.itemsize) / ms / 1e9
-        parts.append(f"{t.block_m}x{t.block_n}{star}:{ms * 1e3:.1f}@{tbs:.1f}")
-    return "  us@L2 TB/s at BLOCK_MxBLOCK_N " + " ".join(parts)
+    lines = []
+    for schedule in stitch_ln.SCHEDULES:
+        default = stitch_ln.tiling(m, ca, cb, dtype, schedule=schedule)
+        parts = []
+        for t in stitch_ln.candidates(ca, dtype, schedule):
+            ms = timer(lambda: stitch_ln.launch(*args, block_m=t.block_m, block_n=t.block_n, schedule=schedule))
+            star = "*" if (t.block_m, t.block_n) == (default.block_m, default.block_n) else ""
+            tbs = l2_bytes(m, ca, cb, t, dtype.itemsize, schedule) / ms / 1e9
+            parts.append(f"{t.block_m}x{t.block_n}{star}:{ms * 1e3:.1f}@{tbs:.1f}")
+        lines.append(f"\n      {schedule} us@L2 TB/s at BLOCK_MxBLOCK_N " + " ".join(parts))
+    return "".join(lines)
 
 
 def occupancy(kernel, programs: int) -> str:
@@ -143,8 +153,8 @@ def occupancy(kernel, programs: int) -> str:
 
 
 def breakdown(timer: Timer, inputs: list[torch.Tensor]) -> str:
-    """Where the time goes, at the default tiling: the kernel run up to each part (stitch_ln's
-    PARTS), eager's two kernels alone, and the kernel's resources."""
+    """Where the time goes, at the default tiling: the row schedule's kernel run up to each part
+    (stitch_ln's PARTS), eager's two kernels alone, and both schedules' resources."""
     from stitch_compile.kernels import stitch_ln
 
     args = kernel_args(inputs)
@@ -155,11 +165,17 @@ def breakdown(timer: Timer, inputs: list[torch.Tensor]) -> str:
     norm = timer(lambda: F.layer_norm(out, (weight.shape[0],), ln_weight, ln_bias, EPS))
     (m, ca), cb = x.shape, weight.shape[0]
     t = stitch_ln.tiling(m, ca, cb, x.dtype)
-    l2 = l2_bytes(m, ca, cb, t, x.dtype.itemsize)
+    l2 = l2_bytes(m, ca, cb, t, x.dtype.itemsize, "rows")
+    tiles = stitch_ln.tiling(m, ca, cb, x.dtype, schedule="tiles")
+    tiles_kernel = stitch_ln.launch(*args, schedule="tiles")
+    tiles_programs = -(-m // tiles.block_m) * -(-cb // tiles.block_n)
     return (f"\n      parts us: gemm+out {times[0] * 1e3:.1f}, +stats+normed store {times[1] * 1e3:.1f}, "
             f"+out read-back {times[2] * 1e3:.1f} | eager linear {linear * 1e3:.1f}, layer_norm {norm * 1e3:.1f} | "
             f"L2 model {l2 / 1e6:.0f} MB, {l2 / times[2] / 1e9:.1f} TB/s | "
-            f"{t.block_m}x{t.block_n}x{t.block_k} {occupancy(kernel, -(-m // t.block_m))}")
+            f"{t.block_m}x{t.block_n}x{t.block_k} {occupancy(kernel, -(-m // t.block_m))}"
+            f"\n      tiles {tiles.block_m}x{tiles.block_n}x{tiles.block_k}: L2 model "
+            f"{l2_bytes(m, ca, cb, tiles, x.dtype.itemsize, 'tiles') / 1e6:.0f} MB | "
+            f"{occupancy(tiles_kernel, tiles_programs)}")
 
 
 def main() -> int:
@@ -170,7 +186,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the baseline")
     parser.add_argument("--check", action="store_true", help="verify correctness on the GPU first; exit 1 on failure")
-    parser.add_argument("--sweep", action="store_true", help="also time every BLOCK_M x BLOCK_N of the fused kernel")
+    parser.add_argument("--sweep", action="store_true", help="also time every BLOCK_M x BLOCK_N of both schedules")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the kernel's parts and eager's two kernels, and show the kernel's resources")
     args = parser.parse_args()
@@ -179,13 +195,17 @@ def main() -> int:
               file=sys.stderr)
         return 2
 
-    from stitch_compile.kernels import stitch_linear_ln
+    from stitch_compile.kernels import stitch_linear_ln, stitch_ln
 
     def fused(*inputs):
         return stitch_linear_ln(*inputs, EPS)
 
+    def tiles(x, *rest):
+        out, normed = stitch_ln.stitch_linear_ln(x.reshape(-1, x.shape[-1]), *rest, EPS, schedule="tiles")
+        return out.view(*x.shape[:-1], -1), normed.view(*x.shape[:-1], -1)
+
     cases = [(b, ca, cb, DTYPES[d]) for d in args.dtype for b in args.batch for ca, cb in SHAPES]
-    if args.check and not check(cases, fused):
+    if args.check and not check(cases, {"fused": fused, "tiles": tiles}):
         print("check FAILED: not timing a wrong kernel", file=sys.stderr)
         return 1
 
@@ -194,8 +214,9 @@ def main() -> int:
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"copy bandwidth {copy:.0f} GB/s  tokens {TOKENS}  median of {args.repeats}")
     print(f"{'dtype':5} {'batch':>5} {'Ca->Cb':>10} {'eager us':>9} {'compile us':>10} {'fused us':>9} "
-          f"{'eager/fused':>11} {'compile/fused':>13} {'fused GB/s':>10} {'of copy':>7}")
-    goal = []
+          f"{'eager/fused':>11} {'compile/fused':>13} {'fused GB/s':>10} {'of copy':>7} "
+          f"{'tiles us':>8} {'eager/tiles':>11} {'compile/tiles':>13}")
+    goal = {"fused": [], "tiles": []}
     for batch, ca, cb, dtype in cases:
         inputs = make_inputs(batch, ca, cb, dtype)
         torch._dynamo.reset()  # a fresh, static-shape compile per case (no recompile limit, no dynamic shapes)
@@ -203,18 +224,22 @@ def main() -> int:
         t_eager = timer(lambda: unfused(*inputs))
         t_compile = timer(lambda: compiled(*inputs))
         t_fused = timer(lambda: fused(*inputs))
+        t_tiles = timer(lambda: tiles(*inputs))
         gbs = traffic_bytes(batch, ca, cb, dtype) / t_fused / 1e6
         line = (f"{NAMES[dtype]:5} {batch:5} {f'{ca}->{cb}':>10} {t_eager * 1e3:9.1f} {t_compile * 1e3:10.1f} "
-                f"{t_fused * 1e3:9.1f} {t_eager / t_fused:11.2f} {t_compile / t_fused:13.2f} {gbs:10.0f} {gbs / copy:7.0%}")
+                f"{t_fused * 1e3:9.1f} {t_eager / t_fused:11.2f} {t_compile / t_fused:13.2f} {gbs:10.0f} {gbs / copy:7.0%} "
+                f"{t_tiles * 1e3:8.1f} {t_eager / t_tiles:11.2f} {t_compile / t_tiles:13.2f}")
         line += sweep(timer, inputs) if args.sweep else ""
         print(line + (breakdown(timer, inputs) if args.breakdown else ""), flush=True)
         if batch == GOAL_BATCH:
-            goal.append((t_eager / t_fused, t_compile / t_fused))
-    if goal:
-        worst_eager, worst_compile = min(g[0] for g in goal), min(g[1] for g in goal)
-        met = worst_eager >= GOAL_EAGER and worst_compile >= GOAL_COMPILE
-        print(f"goal at batch {GOAL_BATCH}: worst eager/fused {worst_eager:.2f} (want >= {GOAL_EAGER}), "
-              f"worst compile/fused {worst_compile:.2f} (want >= {GOAL_COMPILE}): {'MET' if met else 'NOT MET'}")
+            goal["fused"].append((t_eager / t_fused, t_compile / t_fused))
+            goal["tiles"].append((t_eager / t_tiles, t_compile / t_tiles))
+    for name, ratios in goal.items():
+        if ratios:
+            worst_eager, worst_compile = min(g[0] for g in ratios), min(g[1] for g in ratios)
+            met = worst_eager >= GOAL_EAGER and worst_compile >= GOAL_COMPILE
+            print(f"goal at batch {GOAL_BATCH} ({name}): worst eager/{name} {worst_eager:.2f} (want >= {GOAL_EAGER}), "
+                  f"worst compile/{name} {worst_compile:.2f} (want >= {GOAL_COMPILE}): {'MET' if met else 'NOT MET'}")
     return 0
 
 
