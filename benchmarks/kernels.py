@@ -132,11 +132,12 @@ def sweep(timer: Timer, inputs: list[torch.Tensor]) -> str:
         default = stitch_ln.tiling(m, ca, cb, dtype, schedule=schedule)
         parts = []
         for t in stitch_ln.candidates(ca, dtype, schedule):
-            ms = timer(lambda: stitch_ln.launch(*args, block_m=t.block_m, block_n=t.block_n, schedule=schedule))
-            star = "*" if (t.block_m, t.block_n) == (default.block_m, default.block_n) else ""
+            ms = timer(lambda: stitch_ln.launch(*args, block_m=t.block_m, block_n=t.block_n, schedule=schedule,
+                                                num_warps=t.num_warps))
+            star = "*" if (t.block_m, t.block_n, t.num_warps) == (default.block_m, default.block_n, default.num_warps) else ""
             tbs = l2_bytes(m, ca, cb, t, dtype.itemsize, schedule) / ms / 1e9
-            parts.append(f"{t.block_m}x{t.block_n}{star}:{ms * 1e3:.1f}@{tbs:.1f}")
-        lines.append(f"\n      {schedule} us@L2 TB/s at BLOCK_MxBLOCK_N " + " ".join(parts))
+            parts.append(f"{t.block_m}x{t.block_n}w{t.num_warps}{star}:{ms * 1e3:.1f}@{tbs:.1f}")
+        lines.append(f"\n      {schedule} us@L2 TB/s at BLOCK_MxBLOCK_Nwarps " + " ".join(parts))
     return "".join(lines)
 
 

@@ -68,15 +68,15 @@ def workspace(m: int, cb: int, t: Tiling, device: torch.device) -> Workspace:
 
 @functools.lru_cache(maxsize=256)
 def tiling(m: int, ca: int, cb: int, dtype: torch.dtype, block_m: int | None = None,
-           block_n: int | None = None, schedule: str = "rows") -> Tiling:
+           block_n: int | None = None, schedule: str = "rows", num_warps: int | None = None) -> Tiling:
     """Pick tiles from the shape alone (no autotuning: deterministic, and runs in the interpreter).
 
     ``block_m``: the largest of 128/64/32/16 that still gives ``PROGRAMS`` programs (small batches
     get small tiles and more programs; the tile schedule counts a program per 128 columns).
     ``block_n``: the chunk of at most 128 columns within ``ACC_BUDGET`` that pads Cb least
     (largest on ties): on an H200 at batch 64, 64 x 128 was the fastest swept row-schedule tiling
-    in fp16 and bf16 (docs/kernels.md). ``block_m`` / ``block_n`` override the rule; the benchmark
-    sweeps them to tune it on a GPU.
+    in fp16 and bf16 (docs/kernels.md). ``block_m`` / ``block_n`` / ``num_warps`` override the
+    rule; the benchmark sweeps them to tune it on a GPU.
     """
     if block_m is None:
         per_row = triton.cdiv(cb, 128) if schedule == "tiles" else 1
@@ -89,16 +89,24 @@ def tiling(m: int, ca: int, cb: int, dtype: torch.dtype, block_m: int | None = N
     while block_k > 16 and NUM_STAGES * block_k * (block_m + block_n) * dtype.itemsize > TILE_BYTES:
         block_k //= 2
     block_k = min(block_k, max(16, triton.next_power_of_2(ca)))
-    num_warps = 8 if 2 * block_m * block_n >= ACC_BUDGET[dtype] else 4
+    if num_warps is None:
+        num_warps = 8 if 2 * block_m * block_n >= ACC_BUDGET[dtype] else 4
     return Tiling(block_m, block_n, block_k, num_warps, NUM_STAGES)
 
 
 def candidates(ca: int, dtype: torch.dtype, schedule: str = "rows") -> list[Tiling]:
     """Every row tile x column chunk of 4096 accumulators or more within the budgets: what the
-    benchmark sweeps and the slow test compiles, so any of them can become the default."""
+    benchmark sweeps and the slow test compiles, so any of them can become the default. The tile
+    schedule also gets its 16384-accumulator tiles at 16 warps: half the registers per thread (99
+    instead of 174 for 128 x 128 on sm_90), the same one program per SM, twice the warps to hide
+    latency."""
     budget = (ACC_BUDGET if schedule == "rows" else TILE_ACC_BUDGET)[dtype]
-    return [tiling(0, ca, 0, dtype, bm, bn, schedule) for bm in (16, 32, 64, 128) for bn in (64, 128, 256)
-            if 4096 <= bm * bn <= budget]
+    found = [tiling(0, ca, 0, dtype, bm, bn, schedule) for bm in (16, 32, 64, 128) for bn in (64, 128, 256)
+             if 4096 <= bm * bn <= budget]
+    if schedule == "tiles":
+        found += [tiling(0, ca, 0, dtype, t.block_m, t.block_n, schedule, 16) for t in found
+                  if t.block_m * t.block_n == 16384]
+    return found
 
 
 @triton.jit
@@ -178,10 +186,11 @@ def _sms(device: torch.device) -> int:
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,
            ln_bias: torch.Tensor, eps: float, out: torch.Tensor, normed: torch.Tensor,
            block_m: int | None = None, block_n: int | None = None, parts: int = 3,
-           schedule: str = SCHEDULE, exchange: Workspace | None = None):
+           schedule: str = SCHEDULE, exchange: Workspace | None = None, num_warps: int | None = None):
     """Write into caller-owned contiguous ``out`` and ``normed`` [M, Cb] for validated 2-D ``x``.
 
-    Caller-owned buffers let tests poison them and the benchmark sweep the tiles; ``parts`` < 3
+    Caller-owned buffers let tests poison them and the benchmark sweep the tiles and warps (the
+    overrides of ``tiling``); ``parts`` < 3
     runs only part of the row schedule's kernel so that the benchmark can time the parts.
     ``exchange`` is the tile schedule's workspace (a fresh one by default; Triton's interpreter runs
     programs one at a time, so there a row of several tiles needs counters filled in advance, as
@@ -195,10 +204,10 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight:
     if m == 0:
         return None
     cb = weight.shape[0]
-    t = tiling(m, ca, cb, x.dtype, block_m, block_n, schedule)
+    t = tiling(m, ca, cb, x.dtype, block_m, block_n, schedule, num_warps)
     if schedule == "tiles" and x.is_cuda and triton.cdiv(cb, t.block_n) > _sms(x.device):
         # a row's tiles wait for each other: they must all be resident, at least one per SM
-        schedule, t = "rows", tiling(m, ca, cb, x.dtype, block_m, block_n)
+        schedule, t = "rows", tiling(m, ca, cb, x.dtype, block_m, block_n, num_warps=num_warps)
     ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     vectors = (bias.contiguous(), ln_weight.contiguous(), ln_bias.contiguous())
     sizes = (m, ca, cb, *x.stride(), *weight.stride(), eps)
