@@ -190,11 +190,10 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight:
     """Write into caller-owned contiguous ``out`` and ``normed`` [M, Cb] for validated 2-D ``x``.
 
     Caller-owned buffers let tests poison them and the benchmark sweep the tiles and warps (the
-    overrides of ``tiling``); ``parts`` < 3
-    runs only part of the row schedule's kernel so that the benchmark can time the parts.
-    ``exchange`` is the tile schedule's workspace (a fresh one by default; Triton's interpreter runs
-    programs one at a time, so there a row of several tiles needs counters filled in advance, as
-    the tests do). fp32 follows torch's TF32 switch for matmuls, so fused and unfused agree on
+    overrides of ``tiling``); ``parts`` < 3 runs only part of the row schedule's kernel so that
+    the benchmark can time the parts. ``exchange`` is the tile schedule's workspace (a fresh one
+    by default; Triton's interpreter runs programs one at a time, so there a row of several tiles
+    needs counters filled in advance, as the tests do). fp32 follows torch's TF32 switch for matmuls, so fused and unfused agree on
     precision. Returns Triton's compiled kernel (registers, spills and shared memory for the
     benchmark), or None when there are no rows.
     """
