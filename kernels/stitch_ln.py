@@ -43,6 +43,11 @@ SCHEDULES = ("rows", "tiles")
 SCHEDULE = "rows"
 
 
+def acc_budget(dtype: torch.dtype, schedule: str) -> int:
+    """The most accumulators (BLOCK_M x BLOCK_N) a tile of this schedule may hold."""
+    return (ACC_BUDGET if schedule == "rows" else TILE_ACC_BUDGET)[dtype]
+
+
 class Tiling(NamedTuple):
     """Launch parameters: row tile, column chunk, K step, warps, pipeline depth."""
 
@@ -81,7 +86,7 @@ def tiling(m: int, ca: int, cb: int, dtype: torch.dtype, block_m: int | None = N
     if block_m is None:
         per_row = triton.cdiv(cb, 128) if schedule == "tiles" else 1
         block_m = next((b for b in (128, 64, 32) if triton.cdiv(m, b) * per_row >= PROGRAMS), 16)
-    budget = (ACC_BUDGET if schedule == "rows" else TILE_ACC_BUDGET)[dtype]
+    budget = acc_budget(dtype, schedule)
     if block_n is None:
         fits = [b for b in (128, 64, 32, 16) if block_m * b <= budget]
         block_n = min(fits, key=lambda b: (triton.cdiv(cb, b) * b, -b))
@@ -100,7 +105,7 @@ def candidates(ca: int, dtype: torch.dtype, schedule: str = "rows") -> list[Tili
     schedule also gets its 16384-accumulator tiles at 16 warps: half the registers per thread (99
     instead of 174 for 128 x 128 on sm_90), the same one program per SM, twice the warps to hide
     latency."""
-    budget = (ACC_BUDGET if schedule == "rows" else TILE_ACC_BUDGET)[dtype]
+    budget = acc_budget(dtype, schedule)
     found = [tiling(0, ca, 0, dtype, bm, bn, schedule) for bm in (16, 32, 64, 128) for bn in (64, 128, 256)
              if 4096 <= bm * bn <= budget]
     if schedule == "tiles":

@@ -276,15 +276,14 @@ def default_tilings(dtype, schedule: str) -> set:
 def test_tiling_within_budgets(schedule):
     from triton import cdiv
 
-    from stitch_compile.kernels.stitch_ln import ACC_BUDGET, PROGRAMS, TILE_ACC_BUDGET, TILE_BYTES, tiling
+    from stitch_compile.kernels.stitch_ln import PROGRAMS, TILE_BYTES, acc_budget, tiling
 
-    budget = ACC_BUDGET if schedule == "rows" else TILE_ACC_BUDGET
     for ca, cb in [(40, 72), (40, 200), (24, 8)] + FAMILY_SHAPES:
         for m in [1, 17] + BATCH_ROWS:
             for dtype in DTYPES:
                 t = tiling(m, ca, cb, dtype, schedule=schedule)
                 assert t.block_m in (16, 32, 64, 128) and 16 <= t.block_n <= 128 and 16 <= t.block_k <= 64
-                assert t.block_m * t.block_n <= budget[dtype]
+                assert t.block_m * t.block_n <= acc_budget(dtype, schedule)
                 assert t.num_stages * t.block_k * (t.block_m + t.block_n) * dtype.itemsize <= TILE_BYTES
                 per_row = cdiv(cb, 128) if schedule == "tiles" else 1
                 assert t.block_m == 16 or cdiv(m, t.block_m) * per_row >= PROGRAMS, "too few programs for the SMs"
