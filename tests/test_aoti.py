@@ -4,6 +4,7 @@ One tiny two-anchor SN-Net (6 configs, 10 segments, 8 segment architectures) is 
 module; compiling its packages takes about a minute on two cores.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -103,24 +104,32 @@ def test_runtime_runs_every_config_like_pytorch(tiny):
         assert isinstance(got, torch.Tensor) and rel_err(got.numpy(), ref) < 1e-4
 
 
-def test_threads_running_different_configs_get_their_own_outputs(tiny):
-    net, root = tiny
-    rt = Runtime(str(root / "bundle"), backend="aoti", threads=1)
-    x = images(2)
-    with torch.no_grad():
-        refs = {cid: net(torch.from_numpy(x), cid).numpy() for cid in rt.config_ids}
+def concurrent_errors(rt: Runtime, x: np.ndarray, refs: dict, own_streams: bool = False) -> list[float]:
+    """Four threads cycling through the configs at once (each on its own CUDA stream if asked):
+    the relative error of each of their 48 outputs."""
     errors = []
 
     def worker(offset):
-        for i in range(12):
-            cid = rt.config_ids[(offset + i) % len(rt.config_ids)]
-            errors.append(rel_err(rt.run(x, cid), refs[cid]))
+        with torch.cuda.stream(torch.cuda.Stream()) if own_streams else contextlib.nullcontext():
+            for i in range(12):
+                cid = rt.config_ids[(offset + i) % len(rt.config_ids)]
+                errors.append(rel_err(rt.run(x, cid), refs[cid]))
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return errors
+
+
+def test_threads_running_different_configs_get_their_own_outputs(tiny):
+    net, root = tiny
+    rt = Runtime(str(root / "bundle"), backend="aoti", threads=1)
+    x = images(2)
+    with torch.no_grad():
+        refs = {cid: net(torch.from_numpy(x), cid).numpy() for cid in rt.config_ids}
+    errors = concurrent_errors(rt, x, refs)
     assert len(errors) == 48 and max(errors) < 1e-4
 
 
@@ -224,6 +233,13 @@ def test_cuda_build_with_graphs_equals_pytorch(tiny, tmp_path):
                 ref = net(torch.from_numpy(x), cid).numpy()
             assert rel_err(rt.run(x, cid), ref) < 1e-4
             assert rel_err(rt.run(x, cid), ref) < 1e-4  # a replay, when captured
+    # callers on their own streams, capturing (batch 2 is new) and replaying at once: captures must
+    # tolerate the other threads' CUDA calls, and replays over the graphs' one pool must not overlap
+    x = images(2)
+    with torch.no_grad():
+        refs = {cid: net(torch.from_numpy(x), cid).numpy() for cid in rt.config_ids}
+    errors = concurrent_errors(rt, x, refs, own_streams=True)
+    assert len(errors) == 48 and max(errors) < 1e-4
 
 
 def test_verify_rechecks_the_aoti_build_and_skips_builds_for_other_devices(cli, tiny, bundle):

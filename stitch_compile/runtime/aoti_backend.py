@@ -96,9 +96,12 @@ class AotiBackend(Backend):
 class _Graphed:
     """One config's chain captured as a CUDA graph per batch size, replayed under one lock.
 
-    All graphs of a device share one memory pool, so they never run concurrently (one lock for
-    all), and outputs are cloned right after replay: a later replay may reuse the pool without
-    clobbering anything a caller holds.
+    All graphs of a device share one memory pool and each graph its static input and output, so
+    replays must never overlap on the GPU: the lock (one for all) is held until the replay and the
+    clone of its output have finished on the caller's stream. Releasing it once they are merely
+    queued would let a caller on another stream start a replay over the same memory. Callers wait
+    for the output anyway, so this costs no latency; it serialises replays, which the shared pool
+    requires. The clone lets a later replay reuse the pool without clobbering what a caller holds.
     """
 
     _pools: dict = {}
@@ -118,7 +121,9 @@ class _Graphed:
                 self.chain(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: other threads' CUDA calls (e.g. a caller copying its output to the host)
+        # stay legal during a capture; "global" would fail them or the capture
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             static_out = self.chain(static_in)
         return graph, static_in, static_out
 
@@ -130,4 +135,6 @@ class _Graphed:
             graph, static_in, static_out = entry
             static_in.copy_(x)
             graph.replay()
-            return static_out.clone()
+            y = static_out.clone()
+            torch.cuda.current_stream(self.device).synchronize()
+            return y
