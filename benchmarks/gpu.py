@@ -10,7 +10,9 @@ runs at each batch size in three ways, back to back so they see the same conditi
   graphs  the same chain captured as one CUDA graph per config and batch size
 Inputs are already on the GPU; each call ends with a stream synchronisation; the median of
 ``--runs`` calls is reported, with ratios to eager (above 1: faster than eager) and each output's
-relative error against eager. ``--device cpu`` runs eager vs aoti on the CPU (no graphs).
+relative error against eager. On the GPU it also prints the device memory that loading every
+config takes, against the unique weight bytes. ``--device cpu`` runs eager vs aoti on the CPU
+(no graphs).
 """
 
 from __future__ import annotations
@@ -83,9 +85,15 @@ def main() -> int:
     modes = ["aoti", "graphs"] if cuda else ["aoti"]  # graphs last: a failed capture can spoil the CUDA context
     what = torch.cuda.get_device_name(device) if cuda else "cpu"
     print(f"device {what}  torch {torch.__version__}  median of {args.runs} calls, ms", flush=True)
-    table = []
+    table, resident = [], {}
+    unique = load_bundle(bundle).manifest["weights"]["unique_bytes"]
     for mode in modes:
-        rt = Runtime(bundle, device=args.device, backend="aoti", cuda_graphs=mode == "graphs")
+        before = torch.cuda.memory_allocated(device) if cuda else 0
+        rt = Runtime(bundle, device=args.device, backend="aoti", cuda_graphs=mode == "graphs")  # every config loaded
+        if cuda:  # the one-copy claim on the GPU: every config resident for about the unique weights
+            resident[mode] = torch.cuda.memory_allocated(device) - before
+            print(f"{mode}: {len(rt.config_ids)} configs resident in {resident[mode] / 1e6:.1f} MB of GPU memory "
+                  f"= {resident[mode] / unique:.3f} x the {unique / 1e6:.1f} MB of unique weights", flush=True)
         routes = {c["id"]: c["route"] for c in rt.bundle.manifest["configs"]}
         try:
             for batch in [int(b) for b in args.batch.split(",")]:
@@ -113,7 +121,8 @@ def main() -> int:
             break
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"device": what, "torch": torch.__version__, "runs": args.runs, "rows": table}, f, indent=1)
+            json.dump({"device": what, "torch": torch.__version__, "runs": args.runs, "unique_weight_bytes": unique,
+                       "resident_bytes": resident, "rows": table}, f, indent=1)
     return 0
 
 
