@@ -28,11 +28,11 @@ $py -c "import sys, torch, stitch_compile; torch.cuda.is_available() or sys.exit
 # the CUDA tests are mostly Triton and AOTInductor compiles: spread them over workers where pytest-xdist is installed
 workers=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$dir/device.txt" 2>&1
-step aoti 240 $py benchmarks/gpu.py --anchors 2 --batch 1,64 --runs 20 --warmup 5 \
+step aoti 230 $py benchmarks/gpu.py --anchors 2 --batch 1,64 --runs 20 --warmup 5 \
     --work "$dir/work" --json "$dir/gpu.json"
 step kernel-tests 60 $py -m pytest -q -rs $workers -k cuda tests/test_kernels.py
 step kernels 150 $py benchmarks/kernels.py --check --sweep --breakdown --batch 64 --dtype fp16 --repeats 30
-step cli 60 $py -m stitch_compile.cli bench "$dir/work/snnet_deit_ti_s.bundle" --device cuda:0 --cuda-graphs \
+step cli 45 $py -m stitch_compile.cli bench "$dir/work/snnet_deit_ti_s.bundle" --device cuda:0 --cuda-graphs \
     --batch 1,64 --runs 10 --warmup 3 --quiet
-step aoti-tests 60 $py -m pytest -q -rs $workers -k cuda tests/test_aoti.py
+step aoti-tests 85 $py -m pytest -q -rs $workers -k cuda tests/test_aoti.py
 rm -rf "$dir/work"  # the exported bundle: large, and rebuilt by the next run
