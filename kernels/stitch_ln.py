@@ -18,6 +18,7 @@ in ``ops``.
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -185,7 +186,14 @@ def _stitch_ln_kernel(
 
 @functools.cache
 def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """SMs this process can hold at once: the device's (a MIG slice reports its own), cut to the
+    share an MPS client is given through the environment, which the device properties ignore."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    try:
+        share = float(os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", 100))
+    except ValueError:
+        share = 100.0
+    return max(1, int(sms * min(max(share, 0.0), 100.0) / 100))
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,

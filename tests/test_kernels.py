@@ -292,6 +292,26 @@ def test_tiling_within_budgets(schedule):
     assert tiling(197, 384, 384, torch.float16, schedule=schedule).block_n == 128, "Cb = 384: three unpadded chunks"
 
 
+@pytest.mark.parametrize("share,sms", [(None, 132), ("50", 66), ("5", 6), ("0", 1), ("150", 132), ("half", 132)])
+def test_tile_schedule_counts_an_mps_share_of_the_sms(monkeypatch, share, sms):
+    """The tile schedule's residency check counts only the SMs an MPS client may hold (the
+    device properties, faked here as an H200's 132 SMs, always report all of them)."""
+    from types import SimpleNamespace
+
+    from stitch_compile.kernels import stitch_ln
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    if share is None:
+        monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", share)
+    stitch_ln._sms.cache_clear()
+    try:
+        assert stitch_ln._sms(torch.device("cuda", 0)) == sms
+    finally:
+        stitch_ln._sms.cache_clear()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="compiles the real kernel")
 @pytest.mark.parametrize("arch", [80, 90])
