@@ -135,7 +135,8 @@ class _Graphed:
         return graph, static_in, static_out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with self._lock:
+        # the device guard: torch.cuda.graph captures on a stream of the current device
+        with self._lock, torch.cuda.device(self.device):
             entry = self.graphs.get(x.shape[0])
             if entry is None:
                 entry = self.graphs[x.shape[0]] = self._capture(x)
