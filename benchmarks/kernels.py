@@ -120,9 +120,17 @@ def kernel_args(inputs: list[torch.Tensor]) -> tuple:
     return (x, *inputs[1:], EPS, out, torch.empty_like(out))
 
 
+# 16-bit tilings timed beyond the candidates (BLOCK_M, BLOCK_N, warps). The tile schedule's
+# 128 x 256 at 16 warps is the traffic model's pick for Cb = 768 / 1024 (x read half as often as
+# with 128 x 128); it fits 128 registers without spilling under Triton 3.8 on sm_90 (BLOCK_K 32)
+# but spills 24-48 bytes under 3.6, so it is not a candidate (those must not spill). The sweep
+# shows spills as `sN`.
+EXPERIMENTS = {"tiles": [(128, 256, 16)]}
+
+
 def sweep(timer: Timer, inputs: list[torch.Tensor]) -> str:
-    """Time both schedules at every row tile x column chunk within the budgets; '*' marks each
-    schedule's default."""
+    """Time both schedules at every row tile x column chunk within the budgets, and the
+    EXPERIMENTS; '*' marks each schedule's default."""
     from stitch_compile.kernels import stitch_ln
 
     args = kernel_args(inputs)
@@ -130,13 +138,19 @@ def sweep(timer: Timer, inputs: list[torch.Tensor]) -> str:
     lines = []
     for schedule in stitch_ln.SCHEDULES:
         default = stitch_ln.tiling(m, ca, cb, dtype, schedule=schedule)
+        tilings = [(t.block_m, t.block_n, t.num_warps) for t in stitch_ln.candidates(ca, dtype, schedule)]
+        tilings += EXPERIMENTS.get(schedule, []) if dtype.itemsize == 2 else []
         parts = []
-        for t in stitch_ln.candidates(ca, dtype, schedule):
-            ms = timer(lambda: stitch_ln.launch(*args, block_m=t.block_m, block_n=t.block_n, schedule=schedule,
-                                                num_warps=t.num_warps))
-            star = "*" if (t.block_m, t.block_n, t.num_warps) == (default.block_m, default.block_n, default.num_warps) else ""
+        for block_m, block_n, warps in tilings:
+            def run():
+                return stitch_ln.launch(*args, block_m=block_m, block_n=block_n, schedule=schedule, num_warps=warps)
+
+            spills = run().n_spills
+            ms = timer(run)
+            t = stitch_ln.tiling(m, ca, cb, dtype, block_m, block_n, schedule, warps)
+            star = "*" if (block_m, block_n, warps) == (default.block_m, default.block_n, default.num_warps) else ""
             tbs = l2_bytes(m, ca, cb, t, dtype.itemsize, schedule) / ms / 1e9
-            parts.append(f"{t.block_m}x{t.block_n}w{t.num_warps}{star}:{ms * 1e3:.1f}@{tbs:.1f}")
+            parts.append(f"{block_m}x{block_n}w{warps}{star}{f's{spills}' if spills else ''}:{ms * 1e3:.1f}@{tbs:.1f}")
         lines.append(f"\n      {schedule} us@L2 TB/s at BLOCK_MxBLOCK_Nwarps " + " ".join(parts))
     return "".join(lines)
 
