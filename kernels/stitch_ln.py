@@ -193,7 +193,9 @@ def _sms(device: torch.device) -> int:
         share = float(os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", 100))
     except ValueError:
         share = 100.0
-    return max(1, int(sms * min(max(share, 0.0), 100.0) / 100))
+    if not 0 < share <= 100:  # not a share (NaN included): treated as unset
+        share = 100.0
+    return max(1, int(sms * share / 100))
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,

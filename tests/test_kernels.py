@@ -292,7 +292,8 @@ def test_tiling_within_budgets(schedule):
     assert tiling(197, 384, 384, torch.float16, schedule=schedule).block_n == 128, "Cb = 384: three unpadded chunks"
 
 
-@pytest.mark.parametrize("share,sms", [(None, 132), ("50", 66), ("5", 6), ("0", 1), ("150", 132), ("half", 132)])
+@pytest.mark.parametrize("share,sms", [(None, 132), ("50", 66), ("5", 6), ("0.5", 1), ("0", 132), ("150", 132),
+                                       ("nan", 132), ("half", 132)])
 def test_tile_schedule_counts_an_mps_share_of_the_sms(monkeypatch, share, sms):
     """The tile schedule's residency check counts only the SMs an MPS client may hold (the
     device properties, faked here as an H200's 132 SMs, always report all of them)."""
