@@ -238,6 +238,15 @@ def test_interp_mean_heavy_rows(kernel, gen, tiles, schedule):
     assert rel_err(naive, want) > 10 * TOLERANCE[torch.float32], "input too easy to tell the formulas apart"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@interpreted
+def test_interp_wide_tiles(kernel, gen, bf16_dot, dtype):
+    """128 x 256 tiles, which benchmarks/kernels.py --sweep times beyond the candidates (its
+    EXPERIMENTS): right on a ragged shape (2 x 2 tiles, the last ones 2 rows and 44 columns), so
+    the sweep times a correct kernel."""
+    check_kernel(kernel, gen, 130, 40, 300, dtype, schedule="tiles", block_m=128, block_n=256)
+
+
 @interpreted
 def test_interp_partial_runs(kernel, gen):
     """The benchmark's --breakdown parts: 1 writes only `out`, 2 also writes `normed` (of zeros,
