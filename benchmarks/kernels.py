@@ -137,14 +137,20 @@ def sweep(timer: Timer, inputs: list[torch.Tensor]) -> str:
     lines = []
     for schedule in stitch_ln.SCHEDULES:
         default = stitch_ln.tiling(m, ca, cb, dtype, schedule=schedule)
-        tilings = [(t.block_m, t.block_n, t.num_warps) for t in stitch_ln.candidates(ca, dtype, schedule)]
-        tilings += EXPERIMENTS.get(schedule, []) if dtype.itemsize == 2 else []
+        candidates = [(t.block_m, t.block_n, t.num_warps) for t in stitch_ln.candidates(ca, dtype, schedule)]
+        experiments = EXPERIMENTS.get(schedule, []) if dtype.itemsize == 2 else []
         parts = []
-        for block_m, block_n, warps in tilings:
+        for block_m, block_n, warps in candidates + experiments:
             def run():
                 return stitch_ln.launch(*args, block_m=block_m, block_n=block_n, schedule=schedule, num_warps=warps)
 
-            spills = run().n_spills
+            try:
+                spills = run().n_spills
+            except Exception as e:  # an experiment that cannot run here must not cost the rest of the sweep
+                if (block_m, block_n, warps) in candidates:
+                    raise
+                parts.append(f"{block_m}x{block_n}w{warps}:failed({str(e).splitlines()[0][:80]})")
+                continue
             ms = timer(run)
             t = stitch_ln.tiling(m, ca, cb, dtype, block_m, block_n, schedule, warps)
             star = "*" if (block_m, block_n, warps) == (default.block_m, default.block_n, default.num_warps) else ""
