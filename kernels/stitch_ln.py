@@ -17,6 +17,7 @@ in ``ops``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import NamedTuple
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .stitch_ln_tiles import _stitch_ln_tiles_kernel
+from .stitch_ln_tiles import Workspace, _stitch_ln_tiles_kernel, stream_workspace
 
 # Budgets checked offline by compiling for sm_80 and sm_90 (tests/test_kernels.py, slow): with
 # them no tiling spills a register and shared memory stays within an A100's 163 KB. The epilogue
@@ -57,19 +58,6 @@ class Tiling(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
-
-
-class Workspace(NamedTuple):
-    """The tile schedule's exchange: per-tile row statistics and per-row-tile arrival counters."""
-
-    stats: torch.Tensor  # [3, tiles per row, M] float32: shift, centred mean, M2
-    counts: torch.Tensor  # [row tiles] int32, zero at launch
-
-
-def workspace(m: int, cb: int, t: Tiling, device: torch.device) -> Workspace:
-    """A fresh workspace for one launch of the tile schedule (counters zeroed)."""
-    return Workspace(torch.empty((3, triton.cdiv(cb, t.block_n), m), dtype=torch.float32, device=device),
-                     torch.zeros(triton.cdiv(m, t.block_m), dtype=torch.int32, device=device))
 
 
 @functools.lru_cache(maxsize=256)
@@ -206,11 +194,11 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight:
 
     Caller-owned buffers let tests poison them and the benchmark sweep the tiles and warps (the
     overrides of ``tiling``); ``parts`` < 3 runs only part of the row schedule's kernel so that
-    the benchmark can time the parts. ``exchange`` is the tile schedule's workspace (a fresh one
-    by default; Triton's interpreter runs programs one at a time, so there a row of several tiles
-    needs counters filled in advance, as the tests do). fp32 follows torch's TF32 switch for matmuls, so fused and unfused agree on
-    precision. Returns Triton's compiled kernel (registers, spills and shared memory for the
-    benchmark), or None when there are no rows.
+    the benchmark can time the parts. ``exchange`` is the tile schedule's workspace (by default the
+    current stream's; Triton's interpreter runs programs one at a time, so there a row of several
+    tiles cannot wait for its later tiles, see tests/test_kernels.py). fp32 follows torch's
+    TF32 switch for matmuls, so fused and unfused agree on precision. Returns Triton's compiled
+    kernel (registers, spills and shared memory for the benchmark), or None when there are no rows.
     """
     if schedule not in SCHEDULES or (schedule == "tiles" and parts != 3):
         raise ValueError(f"schedule {schedule!r} with parts {parts}: expected one of {SCHEDULES}, parts only for 'rows'")
@@ -228,16 +216,17 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight:
     kwargs = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
               "INPUT_PRECISION": "ieee" if ieee else "tf32",  # tf32, Triton's default, only affects fp32
               "num_warps": t.num_warps, "num_stages": t.num_stages}
-    if schedule == "rows":
-        kernel, args, grid = _stitch_ln_kernel, (x, weight, *vectors, out, normed, *sizes), triton.cdiv(m, t.block_m)
-        kwargs["PARTS"] = parts
-    else:
-        exchange = exchange or workspace(m, cb, t, x.device)
-        kernel, args = _stitch_ln_tiles_kernel, (x, weight, *vectors, out, normed, *exchange, *sizes)
-        grid = triton.cdiv(m, t.block_m) * triton.cdiv(cb, t.block_n)
-    if x.device.type != "cuda" or x.device.index == torch.cuda.current_device():
-        return kernel[(grid,)](*args, **kwargs)
-    with torch.cuda.device_of(x):  # Triton launches on the current device, not x's
+    # Triton launches, and a CUDA graph captures, on the current device's stream, not x's
+    other_device = x.is_cuda and x.device.index != torch.cuda.current_device()
+    with torch.cuda.device_of(x) if other_device else contextlib.nullcontext():
+        if schedule == "rows":
+            kernel, grid = _stitch_ln_kernel, triton.cdiv(m, t.block_m)
+            args = (x, weight, *vectors, out, normed, *sizes)
+            kwargs["PARTS"] = parts
+        else:
+            exchange = exchange or stream_workspace(m, cb, t.block_m, t.block_n, x.device)
+            kernel, grid = _stitch_ln_tiles_kernel, triton.cdiv(m, t.block_m) * triton.cdiv(cb, t.block_n)
+            args = (x, weight, *vectors, out, normed, *exchange, *sizes)
         return kernel[(grid,)](*args, **kwargs)
 
 

@@ -16,22 +16,77 @@ So ``out`` is written once and never read back, and the GEMM traffic is that of 
 Waiting is safe without a grid barrier: the tiles of a row are consecutive program ids and wait
 only for each other, so with programs dispatched in id order (as GPUs do) and a row's
 ``cdiv(Cb, BLOCK_N)`` tiles all resident at once, the lowest unfinished row always completes
-(``stitch_ln.launch`` uses the row schedule on a GPU with fewer SMs than that). The counters must
-be zero at launch (``stitch_ln.workspace``).
+(``stitch_ln.launch`` uses the row schedule on a GPU with fewer SMs than that).
+
+The counters are never reset. A launch adds exactly ``GENERATION`` to the counter of each row
+tile it covers (its tiles add shares of it), so between launches every counter is a multiple of
+``GENERATION``, and within a launch it is one again exactly when the row's last tile has arrived:
+that is what a tile waits for. Launches that run in order (one stream) therefore share one
+workspace with no memset and no reset step (``stream_workspace``), whatever their shapes. The
+counters are int32 and wrap around, which keeps them multiples of ``GENERATION`` (a power of two).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
 import triton
 import triton.language as tl
 
 
+GENERATION = 4096  # what a launch adds to a row tile's counter: a power of two > the tiles of any row (128)
+
+
+class Workspace(NamedTuple):
+    """The exchange between the tiles of a row: their statistics, and per row tile a counter of
+    arrivals."""
+
+    stats: torch.Tensor  # float32, at least 3 x tiles per row x M: shift, centred mean, M2
+    arrivals: torch.Tensor  # int32, at least one per row tile; a multiple of GENERATION between launches
+
+
+def workspace(stats: int, row_tiles: int, device: torch.device) -> Workspace:
+    """A new workspace for launches of up to ``stats`` floats and ``row_tiles`` row tiles."""
+    return Workspace(torch.empty(stats, dtype=torch.float32, device=device),
+                     torch.zeros(row_tiles, dtype=torch.int32, device=device))
+
+
+def workspace_size(m: int, cb: int, block_m: int, block_n: int) -> tuple[int, int]:
+    """(stats floats, row tiles) a launch at this shape and tiling needs."""
+    return 3 * triton.cdiv(cb, block_n) * m, triton.cdiv(m, block_m)
+
+
+_STREAM_WORKSPACES: dict = {}  # (device, raw stream) -> Workspace
+
+
+def stream_workspace(m: int, cb: int, block_m: int, block_n: int, device: torch.device) -> Workspace:
+    """The workspace for a launch on ``device``'s current stream (call under its device guard).
+
+    Launches on one stream run one after another and leave the counters ready for the next, so a
+    stream keeps one workspace, grown as needed, and launches skip the memset a new one costs.
+    Other streams get their own: concurrent launches must not share counters. A launch being
+    captured into a CUDA graph gets a new one, zeroed by a memset the graph records, so that
+    replays of different graphs on different streams never share one either."""
+    need_stats, need_rows = workspace_size(m, cb, block_m, block_n)
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return workspace(need_stats, need_rows, device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    kept = _STREAM_WORKSPACES.get(key)
+    if kept is None or kept.stats.numel() < need_stats or kept.arrivals.numel() < need_rows:
+        # the old one, if any, is freed in stream order: launches already queued keep using it
+        grown = (max(need_stats, kept.stats.numel()), max(need_rows, kept.arrivals.numel())) if kept else \
+            (need_stats, need_rows)
+        kept = _STREAM_WORKSPACES[key] = workspace(*grown, device)
+    return kept
+
+
 @triton.jit
 def _stitch_ln_tiles_kernel(
-    x_ptr, w_ptr, b_ptr, g_ptr, beta_ptr, out_ptr, normed_ptr, stats_ptr, count_ptr,
+    x_ptr, w_ptr, b_ptr, g_ptr, beta_ptr, out_ptr, normed_ptr, stats_ptr, arrive_ptr,
     M, CA, CB, stride_xm, stride_xk, stride_wn, stride_wk, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, GENERATION: tl.constexpr = GENERATION,
 ):
     tiles_per_row = tl.cdiv(CB, BLOCK_N)
     row_tile = tl.program_id(0) // tiles_per_row
@@ -74,10 +129,15 @@ def _stitch_ln_tiles_kernel(
     tl.store(slot + 2 * plane, m2, mask=row_ok)
 
     # Every thread's stores, then one release; the acquire's result reaches all threads through
-    # shared memory and a barrier, so the loads below see every peer's statistics.
+    # shared memory and a barrier, so the loads below see every peer's statistics. The row's tiles
+    # add shares that sum to GENERATION (the first GENERATION - (tiles - 1), the others 1): from a
+    # multiple of GENERATION at launch, the counter is one again exactly when all have arrived.
+    # The probe follows this tile's own arrival in one thread at one address, so it never reads
+    # the count from before it.
     tl.debug_barrier()
-    tl.atomic_add(count_ptr + row_tile, 1, sem="release", scope="gpu")
-    while tl.atomic_add(count_ptr + row_tile, 0, sem="acquire", scope="gpu") < tiles_per_row:
+    share = tl.where(col_tile == 0, GENERATION - tiles_per_row + 1, 1)
+    tl.atomic_add(arrive_ptr + row_tile, share, sem="release", scope="gpu")
+    while tl.atomic_add(arrive_ptr + row_tile, 0, sem="acquire", scope="gpu") % GENERATION != 0:
         pass
 
     # Chan et al.'s merge of the row's tiles, each tile's mean taken relative to this tile's shift.

@@ -13,6 +13,7 @@ and ``STITCH_TEST_SEED=<seed>`` replays a run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import secrets
@@ -136,21 +137,46 @@ def run_poisoned(kernel, t: dict[str, torch.Tensor], guard: int = 5, schedule: s
     return bufs[0][:m], bufs[1][:m]
 
 
+@contextlib.contextmanager
+def wait_probe_finds_all_arrived():
+    """Triton's interpreter runs programs one after another, so a tile of the tile schedule that
+    waits for a later tile of its row would spin forever. Inside this, the wait's probe (an
+    atomic add of 0, which nothing else does) reads a whole number of generations, "every tile
+    has arrived"; every other atomic runs as is. So the interpreter checks the exchange's
+    arithmetic and bookkeeping, and the CUDA tests its synchronisation."""
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_atomic_rmw
+
+    def create_atomic_rmw(self, op, ptr, val, mask, sem, scope):
+        found = original(self, op, ptr, val, mask, sem, scope)
+        if not val.data.any():
+            found.data[...] = 0
+        return found
+
+    interpreter.InterpreterBuilder.create_atomic_rmw = create_atomic_rmw
+    try:
+        yield
+    finally:
+        interpreter.InterpreterBuilder.create_atomic_rmw = original
+
+
 def launch_tiles_interpreted(kernel, args: tuple, tiles: dict) -> None:
-    """The tile schedule in the interpreter, which runs programs one after another: a tile that
-    waits for a later tile of its row would spin forever. So the counters start full and the
-    kernel runs twice: the first launch publishes every tile's statistics, the second reads them.
-    This checks the exchange's arithmetic; the CUDA tests check its synchronisation."""
+    """The tile schedule in the interpreter, launched twice: the first launch publishes every
+    tile's statistics, the second reads them all (see ``wait_probe_finds_all_arrived``). Each
+    launch must add exactly one generation to each row tile's counter, which the next launch on a
+    GPU relies on: every tile arrives once, and the tiles' shares sum to ``GENERATION``."""
+    from stitch_compile.kernels.stitch_ln_tiles import GENERATION, workspace, workspace_size
+
     x, weight = args[0], args[1]
     (m, ca), cb = x.shape, weight.shape[0]
     t = kernel.tiling(m, ca, cb, x.dtype, schedule="tiles", **tiles)
-    exchange = kernel.workspace(m, cb, t, x.device)
+    exchange = workspace(*workspace_size(m, cb, t.block_m, t.block_n), x.device)
     exchange.stats.zero_()
-    per_row = -(-cb // t.block_n)
-    exchange.counts.fill_(per_row)
-    for _ in range(2):
-        kernel.launch(*args, schedule="tiles", exchange=exchange, **tiles)
-    assert (exchange.counts == 3 * per_row).all(), "every tile must arrive once per launch"
+    with wait_probe_finds_all_arrived():
+        for launches in (1, 2):
+            kernel.launch(*args, schedule="tiles", exchange=exchange, **tiles)
+            assert (exchange.arrivals == launches * GENERATION).all(), "a launch must add one generation per row tile"
 
 
 def check_kernel(kernel, gen, m, ca, cb, dtype, device="cpu", layout=lambda t: t, schedule="rows", **tiles):
@@ -204,18 +230,25 @@ def test_interp_column_chunks(kernel, gen, bf16_dot, dtype, schedule):
     check_kernel(kernel, gen, 23, 40, 200, dtype, schedule=schedule, block_m=16, block_n=64)
 
 
+@pytest.mark.parametrize("start", [0, 2**31 - 4096], ids=["zero", "wrapping"])
 @interpreted
-def test_interp_tile_schedule_single_tile_rows(kernel, gen):
-    """With one tile per row, the tile schedule runs as on a GPU, counters from zero: each tile
-    arrives, finds its row complete and goes on (nothing to wait for in the interpreter)."""
+def test_interp_tile_schedule_single_tile_rows(kernel, gen, start):
+    """With one tile per row, the tile schedule runs as on a GPU, with nothing faked: each tile
+    arrives last, finds its row complete and goes on. A second launch reuses the workspace, as
+    launches on one stream do, and waits for the next generation, also where the int32 counters
+    wrap around (from 2^31 - 4096 to -2^31)."""
+    from stitch_compile.kernels.stitch_ln_tiles import GENERATION, workspace
+
     t = make_inputs(gen, 37, 40, 72, torch.float32)
-    out, normed = torch.full((37, 72), float("nan")), torch.full((37, 72), float("nan"))
-    tiling = kernel.tiling(37, 40, 72, torch.float32, block_m=16, block_n=128, schedule="tiles")
-    exchange = kernel.workspace(37, 72, tiling, "cpu")
-    kernel.launch(*t.values(), EPS, out, normed, block_m=16, block_n=128, schedule="tiles", exchange=exchange)
-    assert exchange.counts.tolist() == [1, 1, 1]
-    for got, want in zip((out, normed), reference(t)):
-        assert rel_err(got, want) < TOLERANCE[torch.float32]
+    exchange = workspace(3 * 37, 3, "cpu")
+    exchange.arrivals.fill_(start)
+    for launches in (1, 2):
+        out, normed = torch.full((37, 72), float("nan")), torch.full((37, 72), float("nan"))
+        kernel.launch(*t.values(), EPS, out, normed, block_m=16, block_n=128, schedule="tiles", exchange=exchange)
+        want = (start + launches * GENERATION + 2**31) % 2**32 - 2**31  # int32 arithmetic
+        assert exchange.arrivals.tolist() == [want] * 3
+        for got, ref in zip((out, normed), reference(t)):
+            assert rel_err(got, ref) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -238,13 +271,14 @@ def test_interp_mean_heavy_rows(kernel, gen, tiles, schedule):
     assert rel_err(naive, want) > 10 * TOLERANCE[torch.float32], "input too easy to tell the formulas apart"
 
 
+@pytest.mark.parametrize("tiles", [(128, 256), (256, 128)], ids=lambda t: f"{t[0]}x{t[1]}")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @interpreted
-def test_interp_wide_tiles(kernel, gen, bf16_dot, dtype):
-    """128 x 256 tiles, which benchmarks/kernels.py --sweep times beyond the candidates (its
-    EXPERIMENTS): right on a ragged shape (2 x 2 tiles, the last ones 2 rows and 44 columns), so
-    the sweep times a correct kernel."""
-    check_kernel(kernel, gen, 130, 40, 300, dtype, schedule="tiles", block_m=128, block_n=256)
+def test_interp_wide_tiles(kernel, gen, bf16_dot, dtype, tiles):
+    """The tilings benchmarks/kernels.py --sweep times beyond the candidates (its EXPERIMENTS),
+    on ragged shapes (the last tiles 2 rows by 44 columns): so the sweep times a correct kernel."""
+    block_m, block_n = tiles
+    check_kernel(kernel, gen, block_m + 2, 40, block_n + 44, dtype, schedule="tiles", block_m=block_m, block_n=block_n)
 
 
 @interpreted
@@ -337,10 +371,10 @@ def test_compiles_for_gpus_without_spills(arch, tmp_path):
     from triton.compiler import ASTSource
 
     from stitch_compile.kernels.stitch_ln import _stitch_ln_kernel, candidates
-    from stitch_compile.kernels.stitch_ln_tiles import _stitch_ln_tiles_kernel
+    from stitch_compile.kernels.stitch_ln_tiles import GENERATION, _stitch_ln_tiles_kernel
 
-    kernels = {"rows": (_stitch_ln_kernel, {"PARTS": 3}), "tiles": (_stitch_ln_tiles_kernel, {})}
-    workspace = {"stats_ptr": "*fp32", "count_ptr": "*i32"}
+    kernels = {"rows": (_stitch_ln_kernel, {"PARTS": 3}), "tiles": (_stitch_ln_tiles_kernel, {"GENERATION": GENERATION})}
+    workspace = {"stats_ptr": "*fp32", "arrive_ptr": "*i32"}
     for (schedule, (kernel, extra)), dtype in ((k, d) for k in kernels.items() for d in DTYPES):
         tilings = default_tilings(dtype, schedule) | {t for ca, _ in FAMILY_SHAPES for t in candidates(ca, dtype, schedule)}
         for t in sorted(tilings):
@@ -477,16 +511,64 @@ def test_cuda_kernel_matches_float64(gen, m, ca, cb, dtype, schedule):
 
 @cuda
 def test_cuda_tile_schedule_repeats(gen):
-    """The tile schedule's tiles wait for each other through counters: run it many times at batch
-    64 (hundreds of rows, several waves) and every run must give the same, right answer."""
+    """The tile schedule's tiles wait for each other through counters that launches on one stream
+    share and never reset: run it many times at batch 64 (hundreds of rows, several waves),
+    alternating with a shape of other row and column tiles, and every run must give the same,
+    right answer and leave every counter at a whole generation."""
+    from stitch_compile.kernels import stitch_ln
+    from stitch_compile.kernels.stitch_ln_tiles import GENERATION, stream_workspace
+
+    cases = [{k: v.cuda() for k, v in make_inputs(gen, m, ca, cb, torch.float16).items()}
+             for m, ca, cb in [(64 * 197, 384, 1024), (8 * 197 + 5, 192, 384)]]
+    first = [stitch_ln.stitch_linear_ln(*t.values(), EPS, schedule="tiles") for t in cases]
+    for t, got in zip(cases, first):
+        assert rel_err(got[1], reference(t)[1]) < TOLERANCE[torch.float16]
+    for _ in range(50):
+        for t, want in zip(cases, first):
+            again = stitch_ln.stitch_linear_ln(*t.values(), EPS, schedule="tiles")
+            assert all(torch.equal(a, b) for a, b in zip(again, want))
+    torch.cuda.synchronize()
+    counters = stream_workspace(1, 1, 128, 128, torch.device("cuda", torch.cuda.current_device())).arrivals
+    assert counters.max() > 0 and not (counters % GENERATION).any()
+
+
+@cuda
+def test_cuda_tile_schedule_streams_and_graphs(gen):
+    """Launches on two streams at once each use their stream's workspace, so they never mix
+    their counters; a launch captured into a CUDA graph gets a workspace the graph zeroes, so
+    its replays stay right between eager launches on the same stream."""
     from stitch_compile.kernels import stitch_ln
 
-    t = {k: v.cuda() for k, v in make_inputs(gen, 64 * 197, 384, 1024, torch.float16).items()}
-    first = stitch_ln.stitch_linear_ln(*t.values(), EPS, schedule="tiles")
-    assert rel_err(first[1], reference(t)[1]) < TOLERANCE[torch.float16]
-    for _ in range(50):
-        again = stitch_ln.stitch_linear_ln(*t.values(), EPS, schedule="tiles")
-        assert all(torch.equal(a, b) for a, b in zip(again, first))
+    host = [make_inputs(gen, 64 * 197, 384, 1024, torch.float16) for _ in range(2)]
+    for h in host[1:]:  # one layer, two inputs
+        h.update({k: v for k, v in host[0].items() if k != "x"})
+    xs = [h["x"].cuda() for h in host]
+    rest = [host[0][k].cuda() for k in ("weight", "bias", "ln_weight", "ln_bias")]
+    want = [stitch_ln.stitch_linear_ln(x, *rest, EPS, schedule="tiles") for x in xs]
+    for h, w in zip(host, want):
+        assert rel_err(w[1], reference(h)[1]) < TOLERANCE[torch.float16]
+    streams = [torch.cuda.Stream() for _ in xs]
+    got = [[] for _ in xs]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    for _ in range(20):
+        for stream, x, results in zip(streams, xs, got):
+            with torch.cuda.stream(stream):
+                results.append(stitch_ln.stitch_linear_ln(x, *rest, EPS, schedule="tiles"))
+    torch.cuda.synchronize()
+    for results, w in zip(got, want):
+        assert all(torch.equal(a, b) for r in results for a, b in zip(r, w))
+
+    static_x = xs[0].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = stitch_ln.stitch_linear_ln(static_x, *rest, EPS, schedule="tiles")
+    for i in range(6):
+        static_x.copy_(xs[i % 2])
+        graph.replay()
+        eager = stitch_ln.stitch_linear_ln(xs[(i + 1) % 2], *rest, EPS, schedule="tiles")
+        assert all(torch.equal(a, b) for a, b in zip(static_out, want[i % 2]))
+        assert all(torch.equal(a, b) for a, b in zip(eager, want[(i + 1) % 2]))
 
 
 @cuda
