@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .stitch_ln_tiles import Workspace, _stitch_ln_tiles_kernel, stream_workspace
+from .stitch_ln_tiles import Workspace, _stitch_ln_tiles_kernel, stream_workspace, tma_operands
 
 # Budgets checked offline by compiling for sm_80 and sm_90 (tests/test_kernels.py, slow): with
 # them no tiling spills a register and shared memory stays within an A100's 163 KB. The epilogue
@@ -189,19 +189,23 @@ def _sms(device: torch.device) -> int:
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,
            ln_bias: torch.Tensor, eps: float, out: torch.Tensor, normed: torch.Tensor,
            block_m: int | None = None, block_n: int | None = None, parts: int = 3,
-           schedule: str = SCHEDULE, exchange: Workspace | None = None, num_warps: int | None = None):
+           schedule: str = SCHEDULE, exchange: Workspace | None = None, num_warps: int | None = None,
+           tma: bool = False):
     """Write into caller-owned contiguous ``out`` and ``normed`` [M, Cb] for validated 2-D ``x``.
 
     Caller-owned buffers let tests poison them and the benchmark sweep the tiles and warps (the
     overrides of ``tiling``); ``parts`` < 3 runs only part of the row schedule's kernel so that
-    the benchmark can time the parts. ``exchange`` is the tile schedule's workspace (by default the
-    current stream's; Triton's interpreter runs programs one at a time, so there a row of several
-    tiles cannot wait for its later tiles, see tests/test_kernels.py). fp32 follows torch's
-    TF32 switch for matmuls, so fused and unfused agree on precision. Returns Triton's compiled
-    kernel (registers, spills and shared memory for the benchmark), or None when there are no rows.
+    the benchmark can time the parts, and ``tma`` loads the tile schedule's operands through
+    tensor descriptors (an experiment it times). ``exchange`` is the tile schedule's workspace
+    (by default the current stream's; Triton's interpreter runs programs one at a time, so there
+    a row of several tiles cannot wait for its later tiles, see tests/test_kernels.py). fp32
+    follows torch's TF32 switch for matmuls, so fused and unfused agree on precision. Returns
+    Triton's compiled kernel (registers, spills and shared memory for the benchmark), or None
+    when there are no rows.
     """
-    if schedule not in SCHEDULES or (schedule == "tiles" and parts != 3):
-        raise ValueError(f"schedule {schedule!r} with parts {parts}: expected one of {SCHEDULES}, parts only for 'rows'")
+    if schedule not in SCHEDULES or (schedule == "tiles" and parts != 3) or (tma and schedule != "tiles"):
+        raise ValueError(f"schedule {schedule!r} with parts {parts}, tma {tma}: expected one of {SCHEDULES}, "
+                         "parts only for 'rows', tma only for 'tiles'")
     m, ca = x.shape
     if m == 0:
         return None
@@ -226,7 +230,9 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight:
         else:
             exchange = exchange or stream_workspace(m, cb, t.block_m, t.block_n, x.device)
             kernel, grid = _stitch_ln_tiles_kernel, triton.cdiv(m, t.block_m) * triton.cdiv(cb, t.block_n)
-            args = (x, weight, *vectors, out, normed, *exchange, *sizes)
+            operands = tma_operands(x, weight, t.block_m, t.block_n, t.block_k) if tma else (x, weight)
+            args = (*operands, *vectors, out, normed, *exchange, *sizes)
+            kwargs["TMA"] = tma
         return kernel[(grid,)](*args, **kwargs)
 
 

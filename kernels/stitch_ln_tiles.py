@@ -81,12 +81,25 @@ def stream_workspace(m: int, cb: int, block_m: int, block_n: int, device: torch.
     return kept
 
 
+def tma_operands(x: torch.Tensor, weight: torch.Tensor, block_m: int, block_n: int, block_k: int) -> tuple:
+    """x and W as tensor descriptors for the kernel's ``TMA`` loads (an experiment the benchmark
+    sweep times: on Hopper the copy engine then moves the operand tiles, which frees registers).
+    Both must be row-major with rows aligned to 16 bytes, as TMA requires."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    for name, t in (("x", x), ("weight", weight)):
+        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            raise ValueError(f"TMA loads need a row-major {name} with 16-byte aligned rows, got strides {t.stride()}")
+    return (TensorDescriptor.from_tensor(x, [block_m, block_k]),
+            TensorDescriptor.from_tensor(weight, [block_n, block_k]))
+
+
 @triton.jit
 def _stitch_ln_tiles_kernel(
     x_ptr, w_ptr, b_ptr, g_ptr, beta_ptr, out_ptr, normed_ptr, stats_ptr, arrive_ptr,
     M, CA, CB, stride_xm, stride_xk, stride_wn, stride_wk, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, GENERATION: tl.constexpr = GENERATION,
+    INPUT_PRECISION: tl.constexpr, GENERATION: tl.constexpr = GENERATION, TMA: tl.constexpr = False,
 ):
     tiles_per_row = tl.cdiv(CB, BLOCK_N)
     row_tile = tl.program_id(0) // tiles_per_row
@@ -99,12 +112,16 @@ def _stitch_ln_tiles_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, CA, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < CA
-        a = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + k[:, None] * stride_wk + cols[None, :] * stride_wn,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if TMA:  # x_ptr, w_ptr are tensor descriptors: the copy engine loads, zero-filling outside
+            a = x_ptr.load([row_tile * BLOCK_M, k0])
+            w = w_ptr.load([col_tile * BLOCK_N, k0]).T
+        else:
+            k = k0 + ks
+            k_ok = k < CA
+            a = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + k[:, None] * stride_wk + cols[None, :] * stride_wn,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
     bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     # Round first: `normed` is then exactly LayerNorm of the stored `out`, as unfused.

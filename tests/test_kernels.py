@@ -170,7 +170,7 @@ def launch_tiles_interpreted(kernel, args: tuple, tiles: dict) -> None:
 
     x, weight = args[0], args[1]
     (m, ca), cb = x.shape, weight.shape[0]
-    t = kernel.tiling(m, ca, cb, x.dtype, schedule="tiles", **tiles)
+    t = kernel.tiling(m, ca, cb, x.dtype, tiles.get("block_m"), tiles.get("block_n"), "tiles")
     exchange = workspace(*workspace_size(m, cb, t.block_m, t.block_n), x.device)
     exchange.stats.zero_()
     with wait_probe_finds_all_arrived():
@@ -281,6 +281,34 @@ def test_interp_wide_tiles(kernel, gen, bf16_dot, dtype, tiles):
     check_kernel(kernel, gen, block_m + 2, 40, block_n + 44, dtype, schedule="tiles", block_m=block_m, block_n=block_n)
 
 
+@pytest.mark.parametrize("tiles", [(16, 64), (128, 256)], ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@interpreted
+def test_interp_tma_loads(kernel, gen, bf16_dot, dtype, tiles):
+    """The tile schedule with its operands loaded through tensor descriptors (the sweep's TMA
+    experiments): ragged tiles in every dimension, K included (Ca = 40 in steps of 32 or 64), are
+    filled with zeros by the descriptor instead of masks."""
+    block_m, block_n = tiles
+    check_kernel(kernel, gen, block_m + 2, 40, block_n + 44, dtype, schedule="tiles", block_m=block_m,
+                 block_n=block_n, tma=True)
+
+
+def test_tma_needs_row_major_operands():
+    """TMA descriptors need row-major operands with 16-byte aligned rows: a transposed view of W
+    is refused with one line before anything launches."""
+    from stitch_compile.kernels import stitch_ln
+
+    t = make_inputs(torch.Generator().manual_seed(0), 17, 40, 72, torch.float16)
+    out = torch.empty(17, 72, dtype=torch.float16)
+    weight = t["weight"].t().contiguous().t()
+    with pytest.raises(ValueError, match="TMA loads need a row-major weight"):
+        stitch_ln.launch(t["x"], weight, t["bias"], t["ln_weight"], t["ln_bias"], EPS, out, out.clone(),
+                         schedule="tiles", tma=True)
+    with pytest.raises(ValueError, match="tma only for 'tiles'"):
+        stitch_ln.launch(t["x"], t["weight"], t["bias"], t["ln_weight"], t["ln_bias"], EPS, out, out.clone(),
+                         schedule="rows", tma=True)
+
+
 @interpreted
 def test_interp_partial_runs(kernel, gen):
     """The benchmark's --breakdown parts: 1 writes only `out`, 2 also writes `normed` (of zeros,
@@ -373,7 +401,7 @@ def test_compiles_for_gpus_without_spills(arch, tmp_path):
     from stitch_compile.kernels.stitch_ln import _stitch_ln_kernel, candidates
     from stitch_compile.kernels.stitch_ln_tiles import GENERATION, _stitch_ln_tiles_kernel
 
-    kernels = {"rows": (_stitch_ln_kernel, {"PARTS": 3}), "tiles": (_stitch_ln_tiles_kernel, {"GENERATION": GENERATION})}
+    kernels = {"rows": (_stitch_ln_kernel, {"PARTS": 3}), "tiles": (_stitch_ln_tiles_kernel, {"GENERATION": GENERATION, "TMA": False})}
     workspace = {"stats_ptr": "*fp32", "arrive_ptr": "*i32"}
     for (schedule, (kernel, extra)), dtype in ((k, d) for k in kernels.items() for d in DTYPES):
         tilings = default_tilings(dtype, schedule) | {t for ca, _ in FAMILY_SHAPES for t in candidates(ca, dtype, schedule)}
