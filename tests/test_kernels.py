@@ -401,7 +401,8 @@ def test_compiles_for_gpus_without_spills(arch, tmp_path):
     from stitch_compile.kernels.stitch_ln import _stitch_ln_kernel, candidates
     from stitch_compile.kernels.stitch_ln_tiles import GENERATION, _stitch_ln_tiles_kernel
 
-    kernels = {"rows": (_stitch_ln_kernel, {"PARTS": 3}), "tiles": (_stitch_ln_tiles_kernel, {"GENERATION": GENERATION, "TMA": False})}
+    kernels = {"rows": (_stitch_ln_kernel, {"PARTS": 3}),
+               "tiles": (_stitch_ln_tiles_kernel, {"GENERATION": GENERATION, "TMA": False})}
     workspace = {"stats_ptr": "*fp32", "arrive_ptr": "*i32"}
     for (schedule, (kernel, extra)), dtype in ((k, d) for k in kernels.items() for d in DTYPES):
         tilings = default_tilings(dtype, schedule) | {t for ca, _ in FAMILY_SHAPES for t in candidates(ca, dtype, schedule)}
