@@ -2,7 +2,9 @@
 
 Why an op and not a bare kernel call: torch.export, AOTInductor and FX see one opaque node with a
 meta (fake) implementation, so a fused graph traces on any machine; CUDA tensors run the Triton
-kernel, CPU tensors the reference ``F.linear`` + ``F.layer_norm`` with the same semantics.
+kernel, CPU tensors the reference ``F.linear`` + ``F.layer_norm`` with the same semantics. Plain
+eager calls skip the dispatcher (``stitch_linear_ln``), whose custom-op machinery costs more host
+time than the kernel takes on a GPU at batch 1.
 """
 
 from __future__ import annotations
@@ -38,17 +40,16 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_w
             raise StitchError(f"stitch_linear_ln: {name} has shape {list(named[name].shape)}; expected [{cb}] (Cb)")
 
 
-@torch.library.custom_op("stitch_compile::stitch_linear_ln", mutates_args=(), device_types="cpu")
-def stitch_linear_ln(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,
-                     ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out = x W^T + b`` and ``LayerNorm(out)``; this body is the CPU reference."""
+def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,
+               ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out = x W^T + b`` and ``LayerNorm(out)``: the op's CPU implementation."""
     check_inputs(x, weight, bias, ln_weight, ln_bias)
     out = F.linear(x, weight, bias)
     return out, F.layer_norm(out, (weight.shape[0],), ln_weight, ln_bias, eps)
 
 
-@stitch_linear_ln.register_kernel("cuda")
 def _cuda(x, weight, bias, ln_weight, ln_bias, eps):
+    """The op's CUDA implementation: the Triton kernel on 2-D views."""
     check_inputs(x, weight, bias, ln_weight, ln_bias)
     cb, ca = weight.shape
     if cb > MAX_KERNEL_CB:
@@ -63,8 +64,38 @@ def _cuda(x, weight, bias, ln_weight, ln_bias, eps):
     return out.view(shape), normed.view(shape)
 
 
-@stitch_linear_ln.register_fake
 def _fake(x, weight, bias, ln_weight, ln_bias, eps):
     check_inputs(x, weight, bias, ln_weight, ln_bias)
     shape = (*x.shape[:-1], weight.shape[0])
     return x.new_empty(shape), x.new_empty(shape)
+
+
+op = torch.library.custom_op("stitch_compile::stitch_linear_ln", _reference, mutates_args=(), device_types="cpu")
+op.register_kernel("cuda", _cuda)
+op.register_fake(_fake)
+
+
+def _plain_call(x: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> bool:
+    """True when nothing traces, transforms or differentiates this call: no torch.compile or
+    jit tracing, a plain tensor (not a fake, functional or other subclass), no dispatch mode (a
+    fake mode, a FLOP counter), and no input that needs a gradient. Then the implementation can
+    run without the dispatcher, whose custom-op machinery costs more host time per call than the
+    kernel's GPU time at batch 1 (benchmarks/op_overhead.py)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not torch.Tensor:
+        return False
+    if torch._C._len_torch_dispatch_stack():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def stitch_linear_ln(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,
+                     ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, LayerNorm(out))`` of ``out = x W^T + b``: the op ``stitch_compile::stitch_linear_ln``.
+
+    A plain eager call runs the op's implementation directly (same code, same results); anything
+    that traces or differentiates goes through the registered op, so torch.export and
+    torch.compile see one node and backward raises (no autograd formula is registered)."""
+    tensors = (weight, bias, ln_weight, ln_bias, x)
+    if _plain_call(x, tensors):
+        return (_cuda if x.is_cuda else _reference)(x, weight, bias, ln_weight, ln_bias, eps)
+    return op(x, weight, bias, ln_weight, ln_bias, eps)

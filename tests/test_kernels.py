@@ -465,6 +465,49 @@ def test_op_exports(gen):
         torch.testing.assert_close(got, want)
 
 
+def recorded_ops(fn) -> set[str]:
+    """Names of the operators the profiler records while ``fn`` runs (it observes, it does not
+    intercept: the call takes the path it takes without it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def test_op_plain_call_skips_the_dispatcher(gen):
+    """An eager call that needs no gradient runs the implementation directly (no custom-op
+    dispatch, benchmarks/op_overhead.py), with the registered op's exact results; a call that
+    needs a gradient goes through the op, whose backward raises: no autograd formula exists."""
+    t = make_inputs(gen, 2 * 17, 40, 72, torch.float32)
+    t["x"] = t["x"].view(2, 17, 40)
+    with torch.no_grad():
+        assert "stitch_compile::stitch_linear_ln" not in recorded_ops(lambda: stitch_linear_ln(*t.values(), EPS))
+        got, want = stitch_linear_ln(*t.values(), EPS), torch.ops.stitch_compile.stitch_linear_ln(*t.values(), EPS)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    t["weight"].requires_grad_()
+    assert "stitch_compile::stitch_linear_ln" in recorded_ops(lambda: stitch_linear_ln(*t.values(), EPS))
+    out, normed = stitch_linear_ln(*t.values(), EPS)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        normed.sum().backward()
+
+
+def test_op_compiles_as_one_node(gen):
+    """torch.compile sees the op, not its implementation, and traces it without a graph break."""
+    t = make_inputs(gen, 17, 40, 72, torch.float32)
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    fused = torch.compile(lambda x: stitch_linear_ln(x, *list(t.values())[1:], EPS), fullgraph=True, backend=backend)
+    with torch.no_grad():
+        got = fused(t["x"])
+    assert torch.ops.stitch_compile.stitch_linear_ln.default in seen
+    assert rel_err(got[1], reference(t)[1]) < TOLERANCE[torch.float32]
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda t: t.update(x=t["x"].long()), "x is torch.int64"),
     (lambda t: t.update(bias=t["bias"].half()), "bias is torch.float16 but x is torch.float32"),
