@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import stitch_compile
 from snnet_reference import write_v1, write_v2
@@ -549,15 +550,31 @@ def sample_configs(net, gen, n: int = 6) -> list:
     return [net.configs[0]] + [stitched[i] for i in torch.randperm(len(stitched), generator=gen)[:n].tolist()]
 
 
+class OpCalls(TorchDispatchMode):
+    """Counts the calls of the fused op that reach the dispatcher (under a dispatch mode, every
+    call does: see ops._plain_call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.stitch_compile.stitch_linear_ln.default
+        return func(*args, **(kwargs or {}))
+
+
 def test_fused_forward_equals_net(nets, gen):
     for net in nets:
         x = torch.randn(2, *net.input_shape, generator=gen)
         for config in sample_configs(net, gen):
             with torch.no_grad():
                 got, want = fused_forward(net, x, config), net(x, config)
+                with OpCalls() as calls:
+                    asked = net(x, config, use_kernels=True)
             torch.testing.assert_close(got, want, msg=lambda m: f"{net.family} config {config.id}: {m}")
+            assert torch.equal(asked, got), "use_kernels=True is fused_forward"
             fused = sum(isinstance(step, StitchedBlock) for step in fuse(net, config))
-            assert fused == fusable_pairs(config.route) and (fused > 0) != config.is_anchor
+            assert fused == fusable_pairs(config.route) == calls.count and (fused > 0) != config.is_anchor
 
 
 def test_fused_route_exports(nets):
@@ -663,5 +680,5 @@ def test_cuda_fused_forward_equals_net(nets, gen, dtype):
         x = torch.randn(2, *net.input_shape, generator=gen).to("cuda", dtype)
         for config in net.configs:
             with torch.no_grad():
-                got, want = fused_forward(net, x, config), net(x, config)
+                got, want = net(x, config, use_kernels=True), net(x, config)
             assert rel_err(got, want.double()) < 10 * TOLERANCE[dtype], f"{net.family} config {config.id}"

@@ -52,7 +52,13 @@ class StitchableNet(nn.Module):
     def config(self, config: int | StitchConfig) -> StitchConfig:
         return config if isinstance(config, StitchConfig) else self.configs[config]
 
-    def forward(self, x: torch.Tensor, config: int | StitchConfig) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, config: int | StitchConfig, use_kernels: bool = False) -> torch.Tensor:
+        """Run ``config``'s route; ``use_kernels=True`` fuses each ViT stitching layer with the next
+        block's LayerNorm (``stitch_compile.kernels.fused_forward``: a Triton kernel on CUDA)."""
+        if use_kernels:  # imported on use: the kernels build on this module, and need Triton on a GPU
+            from ..kernels import fused_forward
+
+            return fused_forward(self, x, config)
         for key in self.config(config).route:
             x = self.segments[key].module(x)
         return x
