@@ -6,6 +6,8 @@ path is built from the outside, over the same segment modules and parameters as 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -84,6 +86,17 @@ def fuse(net: StitchableNet, config: int | StitchConfig) -> nn.Sequential:
     return nn.Sequential(*steps)
 
 
+# net -> {config id: its fused route}. Built once per config (building one costs about as much
+# host time as a few op calls); weakly keyed, so a net is freed as usual. A route holds the net's
+# own modules, exactly as ``net.segments`` does, so it stays valid as long as they do.
+_ROUTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def fused_forward(net: StitchableNet, x: torch.Tensor, config: int | StitchConfig) -> torch.Tensor:
     """``net(x, config)`` computed with the fused stitching kernels (``use_kernels=True``)."""
-    return fuse(net, config)(x)
+    routes = _ROUTES.setdefault(net, {})
+    config_id = net.config(config).id
+    route = routes.get(config_id)
+    if route is None:
+        route = routes[config_id] = fuse(net, config)
+    return route(x)

@@ -577,6 +577,27 @@ def test_fused_forward_equals_net(nets, gen):
             assert fused == fusable_pairs(config.route) == calls.count and (fused > 0) != config.is_anchor
 
 
+def test_fused_routes_built_once_per_config(nets):
+    """use_kernels=True builds a config's fused route once and reuses it (by id or config), and
+    keeps no net alive: the cache is weakly keyed."""
+    import gc
+
+    from stitch_compile.kernels import fused
+
+    kept = len(fused._ROUTES)
+    net = copy.deepcopy(nets[0])
+    config = next(c for c in net.configs if not c.is_anchor)
+    x = torch.randn(1, *net.input_shape)
+    with torch.no_grad():
+        first = net(x, config, use_kernels=True)
+        route = fused._ROUTES[net][config.id]
+        assert torch.equal(net(x, config.id, use_kernels=True), first)
+    assert fused._ROUTES[net] == {config.id: route}
+    del net, route
+    gc.collect()
+    assert len(fused._ROUTES) == kept
+
+
 def test_fused_route_exports(nets):
     net = nets[1]
     config = max(net.configs, key=lambda c: fusable_pairs(c.route))
