@@ -75,7 +75,7 @@ op.register_kernel("cuda", _cuda)
 op.register_fake(_fake)
 
 
-def _plain_call(x: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> bool:
+def _plain_call(x: torch.Tensor, *params: torch.Tensor) -> bool:
     """True when nothing traces, transforms or differentiates this call: no torch.compile or
     jit tracing, a plain tensor (not a fake, functional or other subclass), no dispatch mode (a
     fake mode, a FLOP counter), and no input that needs a gradient. Then the implementation can
@@ -85,7 +85,7 @@ def _plain_call(x: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack():
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
 
 
 def stitch_linear_ln(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,
@@ -95,7 +95,6 @@ def stitch_linear_ln(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     A plain eager call runs the op's implementation directly (same code, same results); anything
     that traces or differentiates goes through the registered op, so torch.export and
     torch.compile see one node and backward raises (no autograd formula is registered)."""
-    tensors = (weight, bias, ln_weight, ln_bias, x)
-    if _plain_call(x, tensors):
+    if _plain_call(x, weight, bias, ln_weight, ln_bias):
         return (_cuda if x.is_cuda else _reference)(x, weight, bias, ln_weight, ln_bias, eps)
     return op(x, weight, bias, ln_weight, ln_bias, eps)

@@ -73,11 +73,10 @@ def stream_workspace(m: int, cb: int, block_m: int, block_n: int, device: torch.
         return workspace(need_stats, need_rows, device)
     key = (device, torch.cuda.current_stream(device).cuda_stream)
     kept = _STREAM_WORKSPACES.get(key)
-    if kept is None or kept.stats.numel() < need_stats or kept.arrivals.numel() < need_rows:
+    have = (kept.stats.numel(), kept.arrivals.numel()) if kept else (0, 0)
+    if have[0] < need_stats or have[1] < need_rows:
         # the old one, if any, is freed in stream order: launches already queued keep using it
-        grown = (max(need_stats, kept.stats.numel()), max(need_rows, kept.arrivals.numel())) if kept else \
-            (need_stats, need_rows)
-        kept = _STREAM_WORKSPACES[key] = workspace(*grown, device)
+        kept = _STREAM_WORKSPACES[key] = workspace(max(need_stats, have[0]), max(need_rows, have[1]), device)
     return kept
 
 
