@@ -186,6 +186,15 @@ def _sms(device: torch.device) -> int:
     return max(1, int(sms * share / 100))
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls use TF32, as cuBLAS would for the unfused layer. torch's
+    per-backend ``fp32_precision`` reflects both its APIs, whereas reading the legacy
+    ``allow_tf32`` raises once the new API has been used (torch < 2.9 has only the legacy one)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return matmul.allow_tf32 if precision is None else precision == "tf32"
+
+
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,
            ln_bias: torch.Tensor, eps: float, out: torch.Tensor, normed: torch.Tensor,
            block_m: int | None = None, block_n: int | None = None, parts: int = 3,
@@ -214,7 +223,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight:
     if schedule == "tiles" and x.is_cuda and triton.cdiv(cb, t.block_n) > _sms(x.device):
         # a row's tiles wait for each other: they must all be resident, at least one per SM
         schedule, t = "rows", tiling(m, ca, cb, x.dtype, block_m, block_n, num_warps=num_warps)
-    ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    ieee = x.dtype == torch.float32 and not tf32_allowed()
     vectors = (bias.contiguous(), ln_weight.contiguous(), ln_bias.contiguous())
     sizes = (m, ca, cb, *x.stride(), *weight.stride(), eps)
     kwargs = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,

@@ -216,6 +216,44 @@ def test_interp_strided_inputs(kernel, gen, schedule):
     check_kernel(kernel, gen, 29, 40, 72, torch.float32, layout=layout, schedule=schedule)
 
 
+@pytest.fixture
+def matmul_precision():
+    """Sets torch's fp32 matmul precision through either API, restoring both afterwards."""
+    matmul = torch.backends.cuda.matmul
+    saved = torch.backends.fp32_precision, matmul.fp32_precision
+
+    def apply(*, allow_tf32=None, backends=None, cuda_matmul=None):
+        if backends is not None:
+            torch.backends.fp32_precision = backends
+        if allow_tf32 is not None:
+            matmul.allow_tf32 = allow_tf32
+        if cuda_matmul is not None:
+            matmul.fp32_precision = cuda_matmul
+
+    yield apply
+    torch.backends.fp32_precision, matmul.fp32_precision = saved
+
+
+@pytest.mark.parametrize("setting, tf32", [
+    ({}, False),
+    ({"allow_tf32": True}, True),  # the legacy API
+    ({"cuda_matmul": "tf32"}, True),  # the new one: reading allow_tf32 then raises
+    ({"backends": "tf32"}, True),
+    ({"backends": "tf32", "cuda_matmul": "ieee"}, False),
+])
+def test_tf32_follows_either_precision_api(matmul_precision, setting, tf32):
+    from stitch_compile.kernels.stitch_ln import tf32_allowed
+
+    matmul_precision(**setting)
+    assert tf32_allowed() is tf32
+
+
+@interpreted
+def test_interp_fp32_under_the_new_precision_api(kernel, gen, matmul_precision):
+    matmul_precision(cuda_matmul="tf32")
+    check_kernel(kernel, gen, 29, 40, 72, torch.float32)
+
+
 @interpreted
 def test_interp_empty_input(kernel):
     t = make_inputs(torch.Generator().manual_seed(0), 0, 40, 72, torch.float32)
