@@ -104,6 +104,26 @@ def test_runtime_runs_every_config_like_pytorch(tiny):
         assert isinstance(got, torch.Tensor) and rel_err(got.numpy(), ref) < 1e-4
 
 
+@pytest.mark.parametrize("bad", ["float64", "float16", "small image", "no batch", "numpy float64"])
+def test_runners_refuse_inputs_unlike_the_traced_one(tiny, bad):
+    """AOTInductor itself would read such a buffer as the traced one, past its end."""
+    rt = Runtime(str(tiny[1] / "bundle"), backend="aoti", threads=1)
+    x = torch.from_numpy(images(2))
+    x = {"float64": x.double(), "float16": x.half(), "small image": x[:, :, :8, :8], "no batch": x[0],
+         "numpy float64": x.double().numpy()}[bad]
+    with pytest.raises(stitch_compile.StitchError, match=r"this runner takes float32 \[batch, 3, 16, 16\]"):
+        rt.runner(rt.config_ids[0])(x)
+
+
+def test_runners_take_non_contiguous_tensors(tiny):
+    net, root = tiny
+    rt = Runtime(str(root / "bundle"), backend="aoti", threads=1)
+    x = torch.from_numpy(images(2)).permute(0, 1, 3, 2)  # the same image batch, transposed strides
+    with torch.no_grad():
+        ref = net(x, rt.config_ids[-1]).numpy()
+    assert rel_err(rt.runner(rt.config_ids[-1])(x).numpy(), ref) < 1e-4
+
+
 def concurrent_errors(rt: Runtime, x: np.ndarray, refs: dict, own_streams: bool = False) -> list[float]:
     """Four threads cycling through the configs at once (each on its own CUDA stream if asked):
     the relative error of each of their 48 outputs."""

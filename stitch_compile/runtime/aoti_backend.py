@@ -79,13 +79,20 @@ class AotiBackend(Backend):
         run = self.packages.chain(route)
         if self.cuda_graphs:
             run = _Graphed(run, device)
+        sample = tuple(self.bundle.manifest["segments"][route[0]]["in_shape"])
 
         def runner(x):
-            if x.shape[0] > self.max_batch:
+            # AOTInductor reads whatever buffer it is given as the traced shape, strides and dtype
+            # (it checks nothing unless AOTI_RUNTIME_CHECK_INPUTS is set): a wrong one reads out of bounds
+            host = isinstance(x, np.ndarray)
+            if x.dtype != (np.float32 if host else torch.float32) or tuple(x.shape[1:]) != sample:
+                raise StitchError(f"input {x.dtype} {list(x.shape)}: this runner takes float32 [batch, "
+                                  f"{', '.join(map(str, sample))}]")
+            if not 1 <= x.shape[0] <= self.max_batch:
                 raise StitchError(f"batch {x.shape[0]}: this AOTInductor build takes batches of 1 to {self.max_batch}")
-            if isinstance(x, np.ndarray):
-                return run(torch.from_numpy(x).to(device)).cpu().numpy()
-            y = run(x.to(device))
+            if host:
+                return run(torch.from_numpy(np.ascontiguousarray(x)).to(device)).cpu().numpy()
+            y = run(x.to(device).contiguous())
             if cuda:
                 torch.cuda.current_stream(device).synchronize()
             return y
