@@ -266,6 +266,16 @@ def test_select_picks_the_most_accurate_config_within_budget(cli, bundle):
     assert report["frontier"][3]["predicted"] is True
 
 
+def test_select_breaks_accuracy_ties_by_speed(bundle):
+    """Equal accuracy: the faster config wins, not the one with more FLOPs, and lies on the frontier."""
+    write_lut(bundle)
+    set_accuracy(bundle, {c: 80.0 for c in LATENCY})
+    rt = sc.Runtime(str(bundle), preload=False)
+    assert rt.bundle.configs[2]["flops"] > rt.bundle.configs[0]["flops"]
+    assert rt.select(budget_ms=100) == 0
+    assert [c.id for c in rt.selector().frontier()] == [0]
+
+
 def test_select_without_accuracy_takes_the_most_flops(bundle):
     write_lut(bundle)
     rt = sc.Runtime(str(bundle), preload=False)

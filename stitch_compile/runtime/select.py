@@ -48,7 +48,8 @@ class Selector:
 
     @staticmethod
     def rank(c: Choice) -> tuple:
-        return (1, c.accuracy, c.flops) if c.accuracy is not None else (0, c.flops, 0)
+        # equal ranks keep the faster config (candidates come fastest first)
+        return (1, c.accuracy) if c.accuracy is not None else (0, c.flops)
 
     @property
     def quality(self) -> str:
