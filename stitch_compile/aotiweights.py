@@ -13,7 +13,6 @@ byte range inside its file that holds exactly its dtype and shape.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from typing import Callable
@@ -21,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .bundle import inside
+from .bundle import inside, read_json
 from .errors import StitchError
 from .hardware import hardware_model, slug
 
@@ -70,8 +69,7 @@ class AotiPackages:
     def _read_constants(self) -> dict:
         path = inside(self.root, self.build["constants"])
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = read_json(path)
         except (OSError, ValueError) as e:
             raise self._tampered(f"cannot read {self.build['constants']} ({e.__class__.__name__})") from None
         if (not isinstance(data, dict) or data.get("format") != CONSTANTS_FORMAT

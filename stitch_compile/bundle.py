@@ -94,9 +94,8 @@ def load_bundle(root: str, check_hashes: bool = False) -> Bundle:
     if not os.path.isfile(manifest_path):
         raise StitchError(f"{root}: not a bundle (no {MANIFEST}); create one with 'stitch-compile export'")
     try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        manifest = read_json(manifest_path)
+    except ValueError as exc:  # bad JSON or encoding
         raise StitchError(f"{manifest_path}: corrupt manifest ({exc}); re-export the bundle") from None
     if isinstance(manifest, dict) and manifest.get("schema_version") not in (None, SCHEMA_VERSION):
         raise StitchError(f"{manifest_path}: schema_version {manifest.get('schema_version')} is not supported "
@@ -142,6 +141,17 @@ def list_files(root: str) -> dict[str, dict]:
             path = os.path.join(root, rel)
             files[rel] = {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
     return dict(sorted(files.items()))
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_json(path: str):
+    """Parse a JSON file, refusing the NaN and Infinity that Python's json accepts: no file of a
+    bundle has them, and a NaN compares false with everything, so it would slip past range checks."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f, parse_constant=_refuse_constant)
 
 
 def write_json(path: str, obj) -> None:

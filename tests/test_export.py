@@ -146,6 +146,26 @@ def test_parity_reference_is_shared_by_targets(v1_net):
     assert all(e["max_rel"] == 1 for e in compare(ref, 3, lambda a: np.zeros((len(a), 10), np.float32)).values())
 
 
+def test_parity_fails_outputs_with_a_nan(v1_net):
+    """A NaN compares false with every tolerance, so it is counted as an infinite error."""
+    from stitch_compile.export.parity import Reference, compare, within
+
+    ref = Reference(v1_net, seed=7)
+    with torch.no_grad():
+        results = {"3": compare(ref, 3, lambda a: v1_net(torch.from_numpy(a), 3).numpy())}
+    assert within(results, "onnx", 1e-4) is results
+
+    def one_nan(a):
+        with torch.no_grad():
+            y = v1_net(torch.from_numpy(a), 4).numpy()
+        y[-1, -1] = np.nan
+        return y
+
+    results["4"] = compare(ref, 4, one_nan)
+    with pytest.raises(sc.StitchError, match="configs 4 .*relative error inf"):
+        within(results, "onnx", 1e-4)
+
+
 def test_manifest_describes_configs(v1_net, v1_bundle, v1_ckpt):
     m = v1_bundle.manifest
     assert m["family"] == "snnet_v1_vit" and len(m["anchors"]) == 3
@@ -280,6 +300,18 @@ def test_verify_reports_missing_files_and_corrupt_manifest(copied_bundle, capsys
     (copied_bundle / "manifest.json").write_text("{not json")
     assert run_cli("verify", copied_bundle) == 2
     assert "corrupt manifest" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("accuracy, needle", [("NaN", "corrupt manifest (NaN is not a JSON number"),
+                                              ("101.5", "invalid manifest at configs/3/accuracy")])
+def test_load_refuses_accuracy_that_is_no_percentage(copied_bundle, capsys, accuracy, needle):
+    """A NaN accuracy would otherwise win every comparison in ``select`` (none replaces it)."""
+    path = copied_bundle / "manifest.json"
+    m = json.loads(path.read_text())
+    m["configs"][3]["accuracy"] = 12.3456789
+    path.write_text(json.dumps(m).replace("12.3456789", accuracy))
+    assert run_cli("inspect", copied_bundle) == 2
+    assert needle in _one_error_line(capsys)
 
 
 def test_verify_rejects_a_foreign_checkpoint(copied_bundle, tmp_path, capsys):

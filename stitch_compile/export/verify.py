@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 
-from ..bundle import load_bundle, sha256_file
+from ..bundle import load_bundle, read_json, sha256_file
 from ..errors import StitchError
 from ..model.network import StitchableNet
 from ..hardware import torch_device
@@ -19,8 +18,7 @@ def verify_bundle(root: str, net: StitchableNet | None = None, quiet: bool = Tru
     lines = [f"{root}: schema v{m['schema_version']}, {len(m['files'])} files, sha256 and paths ok"]
     if "parity.json" not in m["files"]:
         raise StitchError(f"{root}: parity.json is missing from the manifest; re-export the bundle")
-    with open(bundle.path("parity.json"), encoding="utf-8") as f:
-        recorded = json.load(f)
+    recorded = read_json(bundle.path("parity.json"))
     ids = {str(c["id"]) for c in m["configs"]}
     for name, target in _parity_targets(m):
         entries = recorded.get("targets", {}).get(name, {})

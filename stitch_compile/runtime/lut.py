@@ -8,14 +8,13 @@ measured on this export of the checkpoint. Any problem is one StitchError line.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
 
 import jsonschema
 
-from ..bundle import Bundle, write_json
+from ..bundle import Bundle, read_json, write_json
 from ..errors import StitchError
 
 FORMAT, VERSION = "stitch-compile-lut", 1
@@ -71,10 +70,6 @@ class Lut:
         return {int(cid): (e[f"{metric}_ms"], e["predicted"]) for cid, e in rows.items()}
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a valid latency")
-
-
 def validate(data, bundle: Bundle, path: str, device_key: str) -> Lut:
     """Check a LUT object against the schema and the bundle; return it as a Lut."""
     fix = f"re-run 'stitch-compile bench {bundle.root}'"
@@ -108,9 +103,8 @@ def read_lut(bundle: Bundle, device_key: str, bench_hint: str = "") -> Lut:
                           f"({'have: ' + ', '.join(have) if have else 'none measured yet'}); "
                           f"run 'stitch-compile bench {bundle.root}{bench_hint}' on this machine first")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = read_json(path)
+    except ValueError as exc:  # bad JSON or encoding
         raise StitchError(f"{path}: corrupt latency table ({exc}); "
                           f"re-run 'stitch-compile bench {bundle.root}'") from None
     return validate(data, bundle, path, device_key)
