@@ -14,6 +14,7 @@ import torch
 
 import stitch_compile as sc
 from stitch_compile.accuracy import evaluate, import_results
+from stitch_compile.bench import bench
 from stitch_compile.images import load_image
 from stitch_compile.bundle import load_bundle
 from stitch_compile.export import export
@@ -195,6 +196,18 @@ def test_bench_writes_a_valid_lut(cli, bundle):
             assert 0 < e["p50_ms"] <= e["p90_ms"] <= e["p99_ms"] and e["throughput"] > 0 and e["predicted"] is False
     assert f"wrote {os.path.join(bundle, 'lut', lut['device_key'] + '.json')}" in out
     assert load_bundle(str(bundle), check_hashes=True)  # a LUT does not disturb the bundle's integrity
+
+
+def test_a_runtime_selects_from_the_table_its_bench_wrote(bundle):
+    """bench replaces the device's table as a whole; the runtime it measured must not keep the old one."""
+    rt = sc.Runtime(str(bundle), preload=False)
+    write_lut(bundle, key=rt.device_key)
+    assert rt.select(budget_ms=100) in LATENCY  # from the hand-written table of batch 1
+    lut = bench(rt, batches=(2,), runs=1, warmup=0, configs="0,3")
+    assert rt.lut is lut and lut.batches == [2]
+    assert rt.select(budget_ms=1e6, batch=2) in (0, 3)
+    with pytest.raises(sc.StitchError, match="no entries for batch 1"):
+        rt.select(budget_ms=100)
 
 
 def test_bench_predict_flags_predicted_entries_and_reports_the_error(cli, bundle):

@@ -82,7 +82,7 @@ def bench(runtime: Runtime, batches=(1,), runs: int = 50, warmup: int = 10, conf
                     "max": max(errors.values()) if errors else None}}
             latency[str(batch)] = {str(cid): table[cid] for cid in sorted(table)}
     backend = runtime.backend
-    return write_lut(runtime.bundle, {
+    runtime.lut = write_lut(runtime.bundle, {
         "format": FORMAT, "version": VERSION, "device_key": runtime.device_key,
         "device": {"device": backend.device, "hardware": backend.hardware(), "backend": backend.name,
                    "backend_version": backend.version, "threads": runtime.threads, "precision": backend.precision,
@@ -95,6 +95,7 @@ def bench(runtime: Runtime, batches=(1,), runs: int = 50, warmup: int = 10, conf
         "latency": latency,
         "prediction": prediction,
     })
+    return runtime.lut
 
 
 def summary(lut: Lut) -> list[str]:

@@ -77,6 +77,12 @@ class Runtime:
             self._lut = read_lut(self.bundle, self.device_key, self._bench_hint())
         return self._lut
 
+    @lut.setter
+    def lut(self, lut: Lut) -> None:
+        """Select from ``lut`` from now on (``bench`` hands over the table it has just written)."""
+        with self._lock:
+            self._lut, self._selectors = lut, {}
+
     def _bench_hint(self) -> str:
         return f" --device {self.backend.device} --threads {self.threads}{self.backend.cli_flags}"
 
