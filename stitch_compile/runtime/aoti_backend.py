@@ -12,6 +12,7 @@ device tensor after the stream is synchronised, which is what ``bench`` times).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -90,12 +91,14 @@ class AotiBackend(Backend):
                                   f"{', '.join(map(str, sample))}]")
             if not 1 <= x.shape[0] <= self.max_batch:
                 raise StitchError(f"batch {x.shape[0]}: this AOTInductor build takes batches of 1 to {self.max_batch}")
-            if host:
-                return run(torch.from_numpy(np.ascontiguousarray(x)).to(device)).cpu().numpy()
-            y = run(x.to(device).contiguous())
-            if cuda:
-                torch.cuda.current_stream(device).synchronize()
-            return y
+            # AOTInductor launches on the current device's current stream, not the runtime's device's
+            with torch.cuda.device(device) if cuda else contextlib.nullcontext():
+                if host:
+                    return run(torch.from_numpy(np.ascontiguousarray(x)).to(device)).cpu().numpy()
+                y = run(x.to(device).contiguous())
+                if cuda:
+                    torch.cuda.current_stream(device).synchronize()
+                return y
 
         return runner
 
@@ -113,7 +116,7 @@ class _Graphed:
     holds.
     """
 
-    _pools: dict = {}
+    _pools: dict = {}  # device -> (memory pool, the one stream that captures into it)
     _inputs: dict = {}  # (device, shape, dtype) -> the static input that every graph of it reads
     _lock = threading.Lock()
 
@@ -122,27 +125,31 @@ class _Graphed:
         self.graphs: dict[int, tuple] = {}
 
     def _capture(self, x: torch.Tensor) -> tuple:
-        pool = self._pools.setdefault(self.device, torch.cuda.graph_pool_handle())
+        if self.device not in self._pools:
+            self._pools[self.device] = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
+        # One capture stream per pool: the allocator reuses a pool's blocks only within a stream
+        # (torch.cuda.graph's docs ask for the same stream with the same pool). Without one,
+        # torch.cuda.graph captures on a process-wide stream of whichever device captured first.
+        pool, stream = self._pools[self.device]
         key = (self.device, tuple(x.shape), x.dtype)
         static_in = self._inputs.get(key)
         if static_in is None:
             static_in = self._inputs[key] = torch.empty(x.shape, dtype=x.dtype, device=self.device)
         static_in.copy_(x)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up off the capture: lazy initialisation must not be recorded
                 self.chain(static_in)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: other threads' CUDA calls (e.g. a caller copying its output to the host)
         # stay legal during a capture; "global" would fail them or the capture
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             static_out = self.chain(static_in)
         return graph, static_in, static_out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # the device guard: torch.cuda.graph captures on a stream of the current device
+        # the device guard: the copies, replay and synchronisation use this device's current stream
         with self._lock, torch.cuda.device(self.device):
             entry = self.graphs.get(x.shape[0])
             if entry is None:
