@@ -40,6 +40,15 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_w
             raise StitchError(f"stitch_linear_ln: {name} has shape {list(named[name].shape)}; expected [{cb}] (Cb)")
 
 
+def check_int32_indexing(x2: torch.Tensor, cb: int) -> None:
+    """The kernel indexes with int32: the outputs' ``M * Cb`` elements and x's last element, which a
+    transposed x puts at ``Ca * M``, not ``M * stride(0)``, must all be within reach."""
+    x_span = 1 + sum((n - 1) * s for n, s in zip(x2.shape, x2.stride()))
+    if max(x2.shape[0] * cb, x_span) >= MAX_KERNEL_ELEMENTS:
+        raise StitchError(f"stitch_linear_ln: x {list(x2.shape)} (strides {list(x2.stride())}) with Cb = {cb} is "
+                          "too large for the kernel's int32 indexing; split the batch")
+
+
 def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor,
                ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``out = x W^T + b`` and ``LayerNorm(out)``: the op's CPU implementation."""
@@ -55,8 +64,7 @@ def _cuda(x, weight, bias, ln_weight, ln_bias, eps):
     if cb > MAX_KERNEL_CB:
         raise StitchError(f"stitch_linear_ln: Cb = {cb} exceeds the fused kernel's limit of {MAX_KERNEL_CB}; run this config unfused, net(x, config)")
     x2 = x.reshape(-1, ca)
-    if x2.shape[0] * max(cb, x2.stride(0)) >= MAX_KERNEL_ELEMENTS:
-        raise StitchError(f"stitch_linear_ln: x {list(x.shape)} is too large for the kernel's int32 indexing; split the batch")
+    check_int32_indexing(x2, cb)
     from . import stitch_ln  # imported here so that CPU-only installs work without Triton
 
     out, normed = stitch_ln.stitch_linear_ln(x2, weight, bias, ln_weight, ln_bias, eps)

@@ -562,6 +562,24 @@ def test_op_rejects_bad_input(change, message):
         stitch_linear_ln(*t.values(), EPS)
 
 
+@pytest.mark.parametrize("rows, ca, cb, transposed, fits", [
+    (2**21, 1023, 1023, False, True),
+    (2**21, 1023, 1024, False, False),  # the outputs' M x Cb reach 2^31
+    (2**21, 1024, 384, True, False),  # x [M, Ca] with strides (1, M): its last element is at Ca x M
+    (2**21, 384, 1023, True, True),
+])
+def test_kernel_indexing_limit_counts_x_strides(rows, ca, cb, transposed, fits):
+    """On the meta device: views of this size need no memory."""
+    from stitch_compile.kernels.ops import check_int32_indexing
+
+    x = torch.empty(ca, rows, device="meta").t() if transposed else torch.empty(rows, ca, device="meta")
+    if fits:
+        check_int32_indexing(x, cb)
+    else:
+        with pytest.raises(StitchError, match="too large for the kernel's int32 indexing"):
+            check_int32_indexing(x, cb)
+
+
 def test_fused_stitch_rejects_mismatched_norm():
     with pytest.raises(StitchError, match="does not match the Linear's 72 outputs"):
         FusedStitch(nn.Linear(40, 72), nn.LayerNorm(64))
