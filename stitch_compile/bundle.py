@@ -149,9 +149,13 @@ def _refuse_constant(name: str):
 
 def read_json(path: str):
     """Parse a JSON file, refusing the NaN and Infinity that Python's json accepts: no file of a
-    bundle has them, and a NaN compares false with everything, so it would slip past range checks."""
+    bundle has them, and a NaN compares false with everything, so it would slip past range checks.
+    Every failure to parse is a ValueError, deep nesting included."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f, parse_constant=_refuse_constant)
+        try:
+            return json.load(f, parse_constant=_refuse_constant)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
 
 
 def write_json(path: str, obj) -> None:

@@ -119,6 +119,62 @@ def test_wrong_tensors(cli, tmp_path, small_v1_state, edit, match):
     refused(cli, path, match=r"edited\.pth: .*" + match)
 
 
+def _set(key, make):
+    return lambda s: s.__setitem__(key, make(s[key]))
+
+
+def _poke(key, value):
+    def edit(s):
+        s[key] = s[key].clone()
+        s[key].view(-1)[0] = value
+    return edit
+
+
+QKV = "anchors.0.blocks.0.attn.qkv.weight"
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_poke(QKV, float("nan")), rf"tensor {QKV} is holding NaN or Inf: .*training diverged"),
+    (_poke(QKV, float("-inf")), rf"tensor {QKV} is holding NaN or Inf"),
+    (_set(QKV, lambda t: t > 0), rf"tensor {QKV} is of dtype torch\.bool"),
+    (_set(QKV, lambda t: t.to(torch.complex64)), rf"tensor {QKV} is of dtype torch\.complex64"),
+    (_set(QKV, lambda t: t.to_sparse()), rf"tensor {QKV} is a torch\.sparse_coo tensor"),
+    (_set(QKV, lambda t: t.to("meta")), rf"tensor {QKV} is a meta tensor"),
+    (_set(QKV, lambda t: t[:0]), rf"tensor {QKV} is empty \(shape \[0, 64\]\)"),
+    (_set(QKV, lambda t: t.round().long()), rf"{QKV}: dtype mismatch: checkpoint torch\.int64 vs anchor torch\.float32"),
+    (_set("stitch_layers.0.0.transform.weight", lambda t: t.round().int()),
+     r"stitch_layers\.0\.0\.transform\.weight: dtype torch\.int32; a stitching layer's weights are floating point"),
+    (_set("anchors.0.patch_embed.proj.weight", lambda t: t[0, 0]),
+     r"tensors of impossible shapes for a snnet_v1_vit checkpoint \(IndexError"),
+    (_set("anchors.0.patch_embed.proj.weight", lambda t: torch.cat([t, t[:, :2]], dim=1)),
+     r"anchors take different inputs \[\[3, 32, 32\], \[5, 32, 32\]\]"),
+    (lambda s: s.update({"anchors.1.head.weight": s["anchors.1.head.weight"][:7], "anchors.1.head.bias": s["anchors.1.head.bias"][:7]}),
+     r"classifier heads have \[7, 10\] classes"),
+    (lambda s: [s.pop(f"anchors.2.head.{p}") for p in ("weight", "bias")], r"classifier heads have \[0, 10\] classes \(0: no head\)"),
+], ids=["nan", "inf", "bool", "complex", "sparse", "meta", "empty", "int-in-anchor", "int-in-stitch-layer",
+        "rank-of-a-detected-tensor", "input-channels-differ", "classes-differ", "no-head"])
+def test_impossible_tensors(cli, tmp_path, small_v1_state, edit, match):
+    """What loading would copy silently, or fail on with a traceback, is one line naming the tensor."""
+    state = dict(small_v1_state)
+    edit(state)
+    path = tmp_path / "edited.pth"
+    torch.save({"model": state}, path)  # as it is: save_public would make it contiguous and dense
+    refused(cli, path, match=r"edited\.pth: .*" + match)
+
+
+def test_integer_keys(cli, tmp_path, small_v1_state):
+    path = tmp_path / "ints.pth"
+    torch.save({"model": dict(enumerate(small_v1_state.values()))}, path)
+    refused(cli, path, match=r"ints\.pth: unknown checkpoint layout")
+
+
+def test_a_pipe_is_not_read(cli, tmp_path):
+    """Reading a FIFO nobody writes to would block forever."""
+    path = tmp_path / "pipe.pth"
+    os.mkfifo(path)
+    refused(cli, path, match=r"pipe\.pth: not a regular file")
+
+
 def _pickles(marker):
     """The payload saved by torch.save (zip and legacy formats) and as a raw pickle (protocols 2, 4)."""
     obj = {"model": Payload(marker)}

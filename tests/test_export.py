@@ -300,6 +300,9 @@ def test_verify_reports_missing_files_and_corrupt_manifest(copied_bundle, capsys
     (copied_bundle / "manifest.json").write_text("{not json")
     assert run_cli("verify", copied_bundle) == 2
     assert "corrupt manifest" in _one_error_line(capsys)
+    (copied_bundle / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert run_cli("verify", copied_bundle) == 2
+    assert "corrupt manifest (nested too deeply)" in _one_error_line(capsys)
 
 
 @pytest.mark.parametrize("accuracy, needle", [("NaN", "corrupt manifest (NaN is not a JSON number"),

@@ -72,6 +72,8 @@ def _load_object(path: str):
         raise StitchError(f"{path}: no such file; pass the path of a checkpoint written by torch.save")
     if os.path.isdir(path):
         raise StitchError(f"{path}: is a folder; pass the checkpoint file itself")
+    if not os.path.isfile(path):  # a pipe or device would block the read or never end
+        raise StitchError(f"{path}: not a regular file; pass the checkpoint file itself")
     try:
         return _torch_load(path)
     except pickle.UnpicklingError as exc:
@@ -105,18 +107,43 @@ def _starts_with_zip_magic(path: str) -> bool:
 
 
 def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+    return (isinstance(obj, dict) and bool(obj)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def _oddity(t: torch.Tensor) -> str | None:
+    """What makes ``t`` no weight tensor of a trained network, if anything."""
+    if t.device.type != "cpu":  # map_location moves real devices, not meta
+        return f"a {t.device.type} tensor"
+    if t.layout != torch.strided:
+        return f"a {t.layout} tensor"
+    if t.dtype == torch.bool or t.is_complex():
+        return f"of dtype {t.dtype}"
+    if t.numel() == 0:
+        return f"empty (shape {list(t.shape)})"
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        return "holding NaN or Inf: the checkpoint is corrupt or its training diverged"
+    return None
+
+
+def _check_tensors(path: str, state: dict[str, torch.Tensor]) -> None:
+    """Refuse what loading would copy silently (bool, complex, NaN) or fail on with a traceback
+    (meta, sparse, empty): a trained network's state dict holds none of them."""
+    for key, t in state.items():
+        odd = _oddity(t)
+        if odd:
+            raise StitchError(f"{path}: tensor {key} is {odd}; expected the dense, finite weights of a trained network")
 
 
 def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], str]:
     """Return (state dict, container key or 'bare') of the checkpoint at ``path``."""
     obj = _load_object(path)
     if isinstance(obj, dict):
-        for key in CONTAINER_KEYS:
-            if _is_state_dict(obj.get(key)):
-                return _strip_module_prefix(obj[key]), key
-        if _is_state_dict(obj):
-            return _strip_module_prefix(obj), "bare"
+        for key in (*CONTAINER_KEYS, None):
+            state = obj if key is None else obj.get(key)
+            if _is_state_dict(state):
+                _check_tensors(path, state)
+                return _strip_module_prefix(state), key or "bare"
         keys = ", ".join(sorted(map(str, obj))[:8])
         raise StitchError(
             f"{path}: unknown checkpoint layout: expected a state dict under one of "

@@ -38,7 +38,7 @@ def linear_stitch(tensors: dict[str, torch.Tensor], where: str, in_dim: int, out
         raise StitchError(f"{where}: has only one of lora_A / lora_B; a LoRA stitching layer needs both")
     if "transform.lora_A" in tensors:
         lora_a, lora_b = tensors["transform.lora_A"], tensors["transform.lora_B"]
-        rank = lora_a.shape[0]
+        rank = lora_a.shape[0] if lora_a.dim() == 2 else 0  # else _expect names the shape
         _expect(f"{where}.transform.lora_A", lora_a, (rank, in_dim))
         _expect(f"{where}.transform.lora_B", lora_b, (out_dim, rank))
         weight = weight.double() + (lora_b.double() @ lora_a.double()) * (lora_alpha / rank)
@@ -84,3 +84,5 @@ def _filled(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Mo
 def _expect(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
     if tuple(tensor.shape) != shape:
         raise StitchError(f"{name}: shape mismatch: checkpoint {list(tensor.shape)} vs expected {list(shape)}")
+    if not tensor.is_floating_point():  # copy_ would cast
+        raise StitchError(f"{name}: dtype {tensor.dtype}; a stitching layer's weights are floating point")

@@ -138,6 +138,8 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str,
     for p, k in names.items():
         if tuple(state[p].shape) != tuple(own[k].shape):
             raise StitchError(f"{where}.{p}: shape mismatch: checkpoint {list(state[p].shape)} vs anchor {list(own[k].shape)}")
+        if state[p].is_floating_point() != own[k].is_floating_point():  # load_state_dict would cast
+            raise StitchError(f"{where}.{p}: dtype mismatch: checkpoint {state[p].dtype} vs anchor {own[k].dtype}")
     for p, buf in recomputed.items():
         if p in state and (state[p].shape != buf.shape or not torch.equal(state[p].to(buf.dtype), buf)):
             raise StitchError(f"{where}.{p}: differs from the value the anchor computes (checkpoint {list(state[p].shape)} "
