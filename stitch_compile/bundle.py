@@ -82,6 +82,11 @@ class Bundle:
         self.config(config_id)
         return self.path(targets[target]["graphs"][str(config_id)])
 
+    def holds(self, path: str) -> bool:
+        """Whether ``path`` is one of the bundle's own files: its manifest, a listed file or a LUT."""
+        rel = os.path.relpath(os.path.realpath(path), os.path.realpath(self.root)).replace(os.sep, "/")
+        return rel == MANIFEST or rel in self.manifest["files"] or rel.startswith(UNHASHED_DIRS)
+
     def lut_path(self, device_key: str) -> str:
         return self.path(f"lut/{device_key}.json")
 

@@ -19,9 +19,14 @@ import threading
 import numpy as np
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper
 
 from .bundle import inside
+
+# what onnx.load and InferenceSession raise for a malformed graph (none derives from a common base)
+_ORT_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name)
+                    for name in ("Fail", "InvalidGraph", "InvalidArgument", "InvalidProtobuf", "NotImplemented"))
 from .errors import StitchError
 
 
@@ -83,8 +88,12 @@ class SharedWeights:
                 providers: list[str] | None = None) -> ort.InferenceSession:
         """An InferenceSession for ``graph_path`` whose external weights come from the shared maps."""
         options = options or ort.SessionOptions()
-        model = onnx.load(graph_path, load_external_data=False)
-        for tensor in model.graph.initializer:
-            if external_data_helper.uses_external_data(tensor):
-                options.add_initializer(tensor.name, self.value(tensor))
-        return ort.InferenceSession(graph_path, sess_options=options, providers=providers or ["CPUExecutionProvider"])
+        try:
+            model = onnx.load(graph_path, load_external_data=False)
+            for tensor in model.graph.initializer:
+                if external_data_helper.uses_external_data(tensor):
+                    options.add_initializer(tensor.name, self.value(tensor))
+            return ort.InferenceSession(graph_path, sess_options=options, providers=providers or ["CPUExecutionProvider"])
+        except (DecodeError, *_ORT_ERRORS) as exc:  # a graph that hashes right (manifest edited too) yet is no model
+            raise StitchError(f"{graph_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]}); "
+                              "the bundle is corrupt or tampered, re-export it") from None

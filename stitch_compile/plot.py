@@ -41,6 +41,10 @@ def plot(bundle: Bundle, out: str, x: str = "latency", selector: Selector | None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    if not out or os.path.isdir(out):
+        raise StitchError(f"-o {out!r}: expected the name of a PNG file to write")
+    if bundle.holds(out):
+        raise StitchError(f"{out}: is one of the bundle's own files; write the plot elsewhere")
     pts, x_label, y_label = points(bundle, x, selector)
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):

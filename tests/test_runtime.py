@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ import stitch_compile as sc
 from stitch_compile.accuracy import evaluate, import_results
 from stitch_compile.bench import bench
 from stitch_compile.images import load_image
-from stitch_compile.bundle import load_bundle
+from stitch_compile.bundle import load_bundle, sha256_file
 from stitch_compile.export import export
 from stitch_compile.ortweights import SharedWeights
 from stitch_compile.runtime.lut import FORMAT, VERSION
@@ -228,8 +229,24 @@ def test_bench_predict_flags_predicted_entries_and_reports_the_error(cli, bundle
 
 def test_bench_bad_arguments_are_one_line_errors(cli, bundle):
     one_line_error(*cli("bench", bundle, "--configs", "0,999", "--runs", 1)[::2], "unknown config id 999")
-    one_line_error(*cli("bench", bundle, "--batch", "0", "--runs", 1)[::2], "positive")
+    one_line_error(*cli("bench", bundle, "--batch", "0", "--runs", 1)[::2], "batch sizes must be 1 to 4096")
+    one_line_error(*cli("bench", bundle, "--batch", "4097", "--runs", 1)[::2], "batch sizes must be 1 to 4096")
+    one_line_error(*cli("bench", bundle, "--threads", os.cpu_count() + 1)[::2], f"expected 1 to {os.cpu_count()}")
     assert not os.path.exists(os.path.join(bundle, "lut"))
+    (bundle / "lut").write_text("not a folder")
+    one_line_error(*cli("bench", bundle, "--configs", "0", "--runs", 1, "--quiet")[::2], "cannot write the latency table")
+    assert (bundle / "lut").read_text() == "not a folder"
+
+
+def test_a_graph_that_hashes_right_but_is_no_model_is_one_error_line(cli, bundle):
+    """The manifest is not hashed: whoever edits a graph can update its sha256 and size there."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    rel = m["segments"]["stem:0"]["file"]
+    (bundle / rel).write_bytes((bundle / rel).read_bytes()[:-40])
+    m["files"][rel] = {"sha256": sha256_file(str(bundle / rel)), "bytes": (bundle / rel).stat().st_size}
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    one_line_error(*cli("bench", bundle, "--configs", "0", "--runs", 1, "--quiet")[::2], "ONNX Runtime cannot load it",
+                   "re-export")
 
 
 # --- select ----------------------------------------------------------------------------------
@@ -408,6 +425,19 @@ def test_plot_writes_a_png(cli, bundle, tmp_path):
     for x in ("flops", "latency"):
         code, _, err = cli("plot", bundle, "-o", tmp_path / f"{x}.png", "--x", x)
         assert code == 0 and (tmp_path / f"{x}.png").stat().st_size > 1000, err
+
+
+def test_plot_never_writes_over_the_bundle(cli, bundle):
+    lut = write_lut(bundle)
+    own = [bundle / "manifest.json", bundle / "parity.json", lut, bundle / "lut" / "new.png"]
+    before = {p: p.read_bytes() for p in map(Path, own[:3])}
+    for out in own:
+        one_line_error(*cli("plot", bundle, "-o", out, "--x", "flops")[::2], "is one of the bundle's own files")
+    assert {p: p.read_bytes() for p in before} == before
+    one_line_error(*cli("plot", bundle, "-o", "")[::2], "expected the name of a PNG file")
+    code, _, err = cli("plot", bundle, "-o", bundle / "pareto.png")  # beside the bundle's files is fine
+    assert code == 0, err
+    assert load_bundle(str(bundle), check_hashes=True)
 
 
 @pytest.mark.slow

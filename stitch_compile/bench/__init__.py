@@ -23,6 +23,9 @@ from .predict import LatencyModel, leave_one_out
 from .timing import TIMER, time_runner
 
 
+MAX_BATCH = 4096  # 2.5 GB of 224-px inputs: beyond it a typo, not a deployment
+
+
 def calibration_sample(configs: list[dict], extra: int = 4) -> list[int]:
     """The anchors (the fastest and slowest configs) plus ``extra`` evenly spaced stitched configs."""
     anchors = [c["id"] for c in configs if len(c.get("anchors", [])) == 1]
@@ -47,8 +50,8 @@ def bench(runtime: Runtime, batches=(1,), runs: int = 50, warmup: int = 10, conf
           predict: bool = False, quiet: bool = True, seed: int = 0) -> Lut:
     """Measure (or predict) every config at every batch size; validate and write the LUT."""
     batches = sorted({int(b) for b in batches})
-    if not batches or batches[0] < 1 or runs < 1 or warmup < 0:
-        raise StitchError("bench: batch sizes and --runs must be positive, --warmup not negative")
+    if not batches or batches[0] < 1 or batches[-1] > MAX_BATCH or runs < 1 or warmup < 0:
+        raise StitchError(f"bench: batch sizes must be 1 to {MAX_BATCH}, --runs positive, --warmup not negative")
     manifest = runtime.bundle.manifest
     routes = {c["id"]: c["route"] for c in manifest["configs"]}
     chosen = parse_ids(runtime, configs)

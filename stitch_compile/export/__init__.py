@@ -33,6 +33,7 @@ from .trace import trace_segment
 from .weights import WeightStore
 
 DEFAULT_OPSET = 17
+OPSETS = range(7, 24)  # what torch.onnx's TorchScript exporter accepts at all (torch 2.14)
 DEFAULT_MAX_BATCH = 8
 
 
@@ -56,6 +57,9 @@ def export(net: StitchableNet, out: str, targets="onnx", configs="all", opset: i
     ids = _config_ids(net, configs)
     source = _source(net)
     key = {"source": source["sha256"], "tool": __version__, "opset": opset, "configs": ids}
+    if opset not in OPSETS:
+        raise StitchError(f"--opset {opset}: the ONNX exporter writes opsets {OPSETS[0]} to {OPSETS[-1]}; "
+                          f"the default is {DEFAULT_OPSET}")
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise StitchError(f"--jobs {jobs!r}: expected a positive integer")
     if "aoti" not in build and (device != "cpu" or jobs is not None):
@@ -102,12 +106,16 @@ def export(net: StitchableNet, out: str, targets="onnx", configs="all", opset: i
 def _config_ids(net: StitchableNet, configs) -> list[int]:
     if configs in (None, "all"):
         return net.configs.ids
+    given = configs
     if isinstance(configs, str):
         try:
             configs = [int(c) for c in configs.split(",") if c.strip()]
         except ValueError:
-            raise StitchError(f"--configs {configs!r}: expected 'all' or comma-separated config ids") from None
-    return [net.configs[c].id for c in configs]
+            raise StitchError(f"--configs {given!r}: expected 'all' or comma-separated config ids") from None
+    ids = [net.configs[c].id for c in configs]
+    if not ids:
+        raise StitchError(f"--configs {given!r}: no config ids; pass 'all' or comma-separated ids")
+    return ids
 
 
 def _source(net: StitchableNet) -> dict:

@@ -15,6 +15,7 @@ import warnings
 import onnx
 import torch
 
+from ..errors import StitchError
 from ..model.network import Segment
 
 IN, OUT = "x", "y"
@@ -39,9 +40,13 @@ def trace_segment(segment: Segment, opset: int) -> onnx.ModelProto:
     buf = io.BytesIO()
     with torch.no_grad(), unfused_attention(segment.module), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            segment.module, (example,), buf, dynamo=False, opset_version=opset,
-            input_names=[IN], output_names=[OUT],
-            dynamic_axes={IN: {0: "batch"}, OUT: {0: "batch"}}, do_constant_folding=True,
-        )
+        try:
+            torch.onnx.export(
+                segment.module, (example,), buf, dynamo=False, opset_version=opset,
+                input_names=[IN], output_names=[OUT],
+                dynamic_axes={IN: {0: "batch"}, OUT: {0: "batch"}}, do_constant_folding=True,
+            )
+        except torch.onnx.errors.OnnxExporterError as exc:  # an operator the opset lacks
+            raise StitchError(f"--opset {opset}: segment {segment.key} cannot be exported at this opset "
+                              f"({str(exc).splitlines()[0][:120]}); the default is 17") from None
     return onnx.load_from_string(buf.getvalue())

@@ -114,7 +114,11 @@ def write_lut(bundle: Bundle, data: dict) -> Lut:
     """Validate, then write atomically (a half-written or invalid table never replaces a good one)."""
     path = bundle.lut_path(data["device_key"])
     lut = validate(data, bundle, path, data["device_key"])
-    write_json(path, data)
+    try:
+        write_json(path, data)
+    except OSError as e:  # e.g. lut/ or the table's name taken by something else
+        raise StitchError(f"{path}: cannot write the latency table ({e.strerror or e}); "
+                          f"make {os.path.dirname(path)} a writable folder") from None
     return lut
 
 

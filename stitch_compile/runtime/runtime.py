@@ -11,6 +11,7 @@ once per (metric, batch).
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -30,8 +31,9 @@ class Runtime:
     def __init__(self, bundle: str | Bundle, device: str = "cpu", backend: str | None = None,
                  threads: int | None = None, preload: bool = True, **backend_options):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise StitchError(f"threads {threads!r}: expected a positive integer")
+        cpus = os.cpu_count() or 1  # more threads than CPUs only contend (and 10^5 of them hang)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus):
+            raise StitchError(f"threads {threads!r}: expected 1 to {cpus}, the CPUs of this machine")
         self.threads = threads or default_threads()
         self.backend: Backend = create_backend(backend or default_backend(device), self.bundle, device, self.threads,
                                                **backend_options)
