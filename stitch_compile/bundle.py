@@ -15,6 +15,7 @@ import operator
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from importlib import resources
 
@@ -103,7 +104,7 @@ def load_bundle(root: str, check_hashes: bool = False) -> Bundle:
     except ValueError as exc:  # bad JSON or encoding
         raise StitchError(f"{manifest_path}: corrupt manifest ({exc}); re-export the bundle") from None
     if isinstance(manifest, dict) and manifest.get("schema_version") not in (None, SCHEMA_VERSION):
-        raise StitchError(f"{manifest_path}: schema_version {manifest.get('schema_version')} is not supported "
+        raise StitchError(f"{manifest_path}: schema_version {manifest.get('schema_version')!r} is not supported "
                           f"by this stitch-compile (reads {SCHEMA_VERSION}); re-export with this version")
     try:
         jsonschema.validate(manifest, _schema())
@@ -111,13 +112,14 @@ def load_bundle(root: str, check_hashes: bool = False) -> Bundle:
         where = "/".join(map(str, exc.absolute_path)) or "(top)"
         raise StitchError(f"{manifest_path}: invalid manifest at {where}: {exc.message}") from None
     bundle = Bundle(root, manifest)
+    _check_configs(manifest, manifest_path)
     referenced = set(manifest["files"])
     for name, target in manifest["targets"].items():
         if name == "aoti":
             for build in target["builds"].values():
                 referenced.update([build["constants"], *build["weights"], *build["packages"].values()])
         else:
-            referenced.update(target["graphs"].values())
+            referenced.update([*target["graphs"].values(), *target.get("weights", [])])
     referenced.update(seg["file"] for seg in manifest["segments"].values())
     for rel in sorted(referenced):
         path = bundle.path(rel)
@@ -133,6 +135,19 @@ def load_bundle(root: str, check_hashes: bool = False) -> Bundle:
             if sha256_file(bundle.path(rel)) != meta["sha256"]:
                 raise StitchError(f"{root}: {rel} does not match its sha256 in the manifest; the bundle is tampered or corrupt")
     return bundle
+
+
+def _check_configs(manifest: dict, manifest_path: str) -> None:
+    """What the schema cannot say: config ids are unique and routes name listed segments."""
+    seen = set()
+    for config in manifest["configs"]:
+        if config["id"] in seen:
+            raise StitchError(f"{manifest_path}: config id {config['id']} appears twice; the bundle is tampered")
+        seen.add(config["id"])
+        unknown = [key for key in config["route"] if key not in manifest["segments"]]
+        if unknown:
+            raise StitchError(f"{manifest_path}: config {config['id']}'s route names segment {unknown[0]!r}, which "
+                              "the manifest does not list; the bundle is tampered")
 
 
 def list_files(root: str) -> dict[str, dict]:
@@ -179,18 +194,42 @@ def write_json(path: str, obj) -> None:
         raise
 
 
+def _check_replaceable(out: str) -> None:
+    """Export replaces ``out`` whole, so it must be new, empty, or an earlier bundle holding
+    nothing but what its manifest lists (and its LUTs): never a folder of the user's files, nor
+    one that merely has a file called manifest.json."""
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise StitchError(f"{out}: exists and is not a folder; choose an empty or new --out folder")
+    entries = set(os.listdir(out))
+    if not entries:
+        return
+    try:
+        manifest = read_json(os.path.join(out, MANIFEST))
+    except (OSError, ValueError):
+        manifest = None
+    tool = manifest.get("tool") if isinstance(manifest, dict) else None
+    if not (isinstance(tool, dict) and tool.get("name") == "stitch-compile" and isinstance(manifest.get("files"), dict)):
+        raise StitchError(f"{out}: exists and is not a bundle; choose an empty or new --out folder")
+    own = {MANIFEST, *(d.rstrip("/") for d in UNHASHED_DIRS), *(rel.split("/")[0] for rel in manifest["files"])}
+    foreign = sorted(entries - own)
+    if foreign:
+        raise StitchError(f"{out}: holds {foreign[0]} ({len(foreign)} entries the bundle does not list); export "
+                          "replaces the whole folder, so move them out or choose another --out")
+
+
 @contextlib.contextmanager
 def staging(out: str):
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` in two renames."""
     out = os.path.abspath(out.rstrip("/\\"))
     parent = os.path.dirname(out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise StitchError(f"{out}: exists and is not a folder; choose an empty or new --out folder")
-    if os.path.exists(out) and not os.path.isfile(os.path.join(out, MANIFEST)) and os.listdir(out):
-        raise StitchError(f"{out}: exists and is not a bundle; choose an empty or new --out folder")
+    _check_replaceable(out)
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+        # not mkdtemp: its 0700 would become the bundle's mode; this one follows the umask
+        tmp = os.path.join(parent, f".{os.path.basename(out)}.partial-{uuid.uuid4().hex[:12]}")
+        os.mkdir(tmp)
     except OSError as e:
         raise StitchError(f"{out}: cannot create a bundle folder there ({e.strerror or e})") from None
     try:

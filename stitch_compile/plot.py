@@ -36,6 +36,14 @@ def points(bundle: Bundle, x: str, selector: Selector | None) -> tuple[dict, str
     return pts, x_label, "top-1 accuracy (%)" if has_accuracy else "GFLOPs"
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == PNG_SIGNATURE
+
+
 def plot(bundle: Bundle, out: str, x: str = "latency", selector: Selector | None = None, title: str = "") -> str:
     """Write the PNG to ``out`` (atomically) and return its path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -45,6 +53,8 @@ def plot(bundle: Bundle, out: str, x: str = "latency", selector: Selector | None
         raise StitchError(f"-o {out!r}: expected the name of a PNG file to write")
     if bundle.holds(out):
         raise StitchError(f"{out}: is one of the bundle's own files; write the plot elsewhere")
+    if os.path.exists(out) and not _is_png(out):
+        raise StitchError(f"{out}: exists and is not a PNG; plot replaces only an earlier plot")
     pts, x_label, y_label = points(bundle, x, selector)
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):

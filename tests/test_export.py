@@ -166,6 +166,17 @@ def test_parity_fails_outputs_with_a_nan(v1_net):
         within(results, "onnx", 1e-4)
 
 
+def test_parity_refuses_weights_whose_own_logits_overflow(tmp_path):
+    """Finite weights can still overflow float32: then no export can be checked against PyTorch."""
+    from snnet_reference import v1_state, save_public
+
+    path = tmp_path / "huge.pth"
+    save_public(path, {k: v * 1e30 for k, v in v1_state(depth=2).items()})
+    with pytest.raises(sc.StitchError, match="config 0: PyTorch's own logits on random inputs are not finite"):
+        export(sc.load(str(path)), str(tmp_path / "b"), configs=[0])
+    assert not (tmp_path / "b").exists()
+
+
 def test_manifest_describes_configs(v1_net, v1_bundle, v1_ckpt):
     m = v1_bundle.manifest
     assert m["family"] == "snnet_v1_vit" and len(m["anchors"]) == 3
@@ -219,20 +230,38 @@ def test_failed_export_keeps_the_existing_bundle(v1_ckpt, tmp_path, capsys, opti
     assert [p for p in os.listdir(tmp_path) if "partial" in p] == []
 
 
-@pytest.mark.parametrize("where", ["file", "under_file", "folder"])
+@pytest.mark.parametrize("where", ["file", "under_file", "folder", "foreign_manifest"])
 def test_export_refuses_an_out_that_is_not_a_bundle_folder(v1_ckpt, tmp_path, capsys, where):
-    """--out naming a file, a path under a file, or a folder of other things: one line, exit 2,
-    and nothing on disk touched."""
+    """--out naming a file, a path under a file, or a folder of other things (one with a
+    manifest.json of its own too): one line, exit 2, and nothing on disk touched."""
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("mine too")
-    out = {"file": "notes.txt", "under_file": "notes.txt/b", "folder": "docs"}[where]
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "manifest.json").write_text('{"name": "my web app", "files": {}}')
+    out = {"file": "notes.txt", "under_file": "notes.txt/b", "folder": "docs", "foreign_manifest": "app"}[where]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert run_cli("export", v1_ckpt[0], "--out", tmp_path / out, "--configs", "0", "--quiet") == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:")
-    assert "--out" in err[0] or "bundle folder" in err[0]
-    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "docs" / "a.txt").read_text() == "mine too"
-    assert sorted(os.listdir(tmp_path)) == ["docs", "notes.txt"]
+    err = _one_error_line(capsys)
+    assert "--out" in err or "bundle folder" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_export_keeps_files_the_bundle_does_not_list(v1_ckpt, tmp_path, capsys):
+    """Export replaces the bundle folder whole: anything else in it (the checkpoint itself, notes)
+    would go with it, so it refuses; LUTs are the bundle's own and may be replaced."""
+    out = tmp_path / "b"
+    assert run_cli("export", v1_ckpt[0], "--out", out, "--configs", "0", "--targets", "onnx", "--quiet") == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # the bundle follows the umask, not mkdtemp's 0700
+    shutil.copy(v1_ckpt[0], out / "snnet.pth")
+    (out / "lut").mkdir()
+    assert run_cli("export", out / "snnet.pth", "--out", out, "--configs", "3", "--targets", "onnx", "--quiet") == 2
+    assert "holds snnet.pth (1 entries the bundle does not list)" in _one_error_line(capsys)
+    assert (out / "snnet.pth").read_bytes() == open(v1_ckpt[0], "rb").read()
+    (out / "snnet.pth").unlink()
+    assert run_cli("export", v1_ckpt[0], "--out", out, "--configs", "3", "--targets", "onnx", "--quiet") == 0
 
 
 def test_interrupted_export_never_leaves_a_bundle_that_looks_whole(v1_ckpt, tmp_path):
@@ -308,6 +337,23 @@ def test_verify_reports_missing_files_and_corrupt_manifest(copied_bundle, capsys
     (copied_bundle / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
     assert run_cli("verify", copied_bundle) == 2
     assert "corrupt manifest (nested too deeply)" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m["configs"][1]["route"].append("block:9:9"), "route names segment 'block:9:9'"),
+    (lambda m: m["configs"][1].update(id=m["configs"][0]["id"]), "config id 0 appears twice"),
+    (lambda m: m["targets"]["onnx"].update(weights=["/etc/passwd"]), "/etc/passwd"),
+    (lambda m: m.update(schema_version="1"), "schema_version '1' is not supported"),
+], ids=["unknown-segment", "duplicate-id", "weights-outside", "version-as-string"])
+def test_verify_refuses_manifest_edits_the_schema_allows(copied_bundle, capsys, edit, needle):
+    """The manifest is not hashed: what the schema cannot express is checked on load."""
+    path = copied_bundle / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+    for command in ("verify", "inspect"):
+        assert run_cli(command, copied_bundle) == 2
+        assert needle in _one_error_line(capsys)
 
 
 @pytest.mark.parametrize("accuracy, needle", [("NaN", "corrupt manifest (NaN is not a JSON number"),

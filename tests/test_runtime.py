@@ -435,6 +435,10 @@ def test_plot_never_writes_over_the_bundle(cli, bundle):
         one_line_error(*cli("plot", bundle, "-o", out, "--x", "flops")[::2], "is one of the bundle's own files")
     assert {p: p.read_bytes() for p in before} == before
     one_line_error(*cli("plot", bundle, "-o", "")[::2], "expected the name of a PNG file")
+    checkpoint = bundle.parent / "snnet.pth"
+    checkpoint.write_bytes(b"PK\x03\x04 not a picture")
+    one_line_error(*cli("plot", bundle, "-o", checkpoint)[::2], "exists and is not a PNG")
+    assert checkpoint.read_bytes() == b"PK\x03\x04 not a picture"
     code, _, err = cli("plot", bundle, "-o", bundle / "pareto.png")  # beside the bundle's files is fine
     assert code == 0, err
     assert load_bundle(str(bundle), check_hashes=True)

@@ -18,7 +18,10 @@ def verify_bundle(root: str, net: StitchableNet | None = None, quiet: bool = Tru
     lines = [f"{root}: schema v{m['schema_version']}, {len(m['files'])} files, sha256 and paths ok"]
     if "parity.json" not in m["files"]:
         raise StitchError(f"{root}: parity.json is missing from the manifest; re-export the bundle")
-    recorded = read_json(bundle.path("parity.json"))
+    try:
+        recorded = read_json(bundle.path("parity.json"))
+    except ValueError as exc:  # it hashes right, so the manifest was edited to match
+        raise StitchError(f"{root}: corrupt parity.json ({exc}); the bundle is tampered, re-export it") from None
     ids = {str(c["id"]) for c in m["configs"]}
     for name, target in _parity_targets(m):
         entries = recorded.get("targets", {}).get(name, {})

@@ -103,11 +103,7 @@ class OrtBackend(Backend):
             with self._lock:
                 session = self._segments.get(key)
                 if session is None:
-                    segments = self.bundle.manifest["segments"]
-                    if key not in segments:
-                        raise StitchError(f"{self.bundle.root}: a config route names segment {key!r}, which the "
-                                          f"manifest does not list; the bundle is tampered")
-                    rel = segments[key]["file"]
+                    rel = self.bundle.manifest["segments"][key]["file"]
                     session = self.weights.session(self.bundle.path(rel), self._options(optimize=True))
                     if self.mode == "segments":
                         self.weights.release_pages()  # the session keeps pre-packed copies
