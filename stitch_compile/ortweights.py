@@ -23,11 +23,11 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper
 
 from .bundle import inside
+from .errors import StitchError
 
 # what onnx.load and InferenceSession raise for a malformed graph (none derives from a common base)
 _ORT_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name)
                     for name in ("Fail", "InvalidGraph", "InvalidArgument", "InvalidProtobuf", "NotImplemented"))
-from .errors import StitchError
 
 
 class SharedWeights:

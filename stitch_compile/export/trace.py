@@ -48,5 +48,5 @@ def trace_segment(segment: Segment, opset: int) -> onnx.ModelProto:
             )
         except torch.onnx.errors.OnnxExporterError as exc:  # an operator the opset lacks
             raise StitchError(f"--opset {opset}: segment {segment.key} cannot be exported at this opset "
-                              f"({str(exc).splitlines()[0][:120]}); the default is 17") from None
+                              f"({str(exc).splitlines()[0][:120]}); use a newer opset") from None
     return onnx.load_from_string(buf.getvalue())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from ..bundle import load_bundle, read_json, sha256_file
 from ..errors import StitchError
 from ..model.network import StitchableNet
