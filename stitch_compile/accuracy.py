@@ -29,6 +29,8 @@ from .runtime import Runtime
 def read_results(path: str, bundle: Bundle) -> dict[int, float]:
     """{config id: top-1 %} from a JSON-lines results file; a bad line is an error naming it."""
     results = {}
+    if not os.path.isfile(path):  # a pipe would block the read
+        raise StitchError(f"{path}: no such results file (or not a regular file)")
     try:
         with open(path, encoding="utf-8") as f:
             lines = list(f)
@@ -39,8 +41,8 @@ def read_results(path: str, bundle: Bundle) -> dict[int, float]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise StitchError(f"{path}:{lineno}: not a JSON object ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # bad JSON, a 5000-digit number, deep nesting
+            raise StitchError(f"{path}:{lineno}: not a JSON object ({str(exc).splitlines()[0][:80]})") from None
         if not isinstance(record, dict) or "cfg_id" not in record or "acc1" not in record:
             raise StitchError(f"{path}:{lineno}: expected a JSON object with 'cfg_id' and 'acc1'")
         cid, acc = record["cfg_id"], record["acc1"]
@@ -61,7 +63,10 @@ def store_accuracy(bundle: Bundle, accuracy: dict[int, float], source: str) -> B
         if config["id"] in accuracy:
             config["accuracy"] = round(accuracy[config["id"]], 4)
     manifest["accuracy"] = {"metric": "top-1 %", "source": source}
-    write_json(os.path.join(bundle.root, MANIFEST), manifest)
+    try:
+        write_json(os.path.join(bundle.root, MANIFEST), manifest)
+    except OSError as e:  # a read-only bundle folder
+        raise StitchError(f"{bundle.root}: cannot update its manifest ({e.strerror or e})") from None
     return load_bundle(bundle.root)
 
 
@@ -75,9 +80,12 @@ def image_folder(folder: str) -> tuple[list[str], list[tuple[str, int]]]:
     """(class names, [(image path, label)]): sub-folders sorted by name are the labels."""
     if not os.path.isdir(folder):
         raise StitchError(f"{folder}: no such image folder")
-    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
-    samples = [(os.path.join(folder, c, name), label) for label, c in enumerate(classes)
-               for name in sorted(os.listdir(os.path.join(folder, c))) if is_image(name)]
+    try:
+        classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
+        samples = [(os.path.join(folder, c, name), label) for label, c in enumerate(classes)
+                   for name in sorted(os.listdir(os.path.join(folder, c))) if is_image(name)]
+    except OSError as e:
+        raise StitchError(f"{e.filename}: cannot read this folder ({e.strerror}); fix its permissions or remove it") from None
     if not samples:
         raise StitchError(f"{folder}: no images found; expected one sub-folder of images per class")
     return classes, samples

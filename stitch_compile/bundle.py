@@ -182,9 +182,9 @@ def write_json(path: str, obj) -> None:
     """Write JSON atomically: a temporary file in the same folder, then rename over."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}.json")  # not mkstemp: this follows the umask
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             json.dump(obj, f, indent=1)
             f.write("\n")
         os.replace(tmp, path)
@@ -194,7 +194,7 @@ def write_json(path: str, obj) -> None:
         raise
 
 
-def _check_replaceable(out: str) -> None:
+def check_replaceable(out: str) -> None:
     """Export replaces ``out`` whole, so it must be new, empty, or an earlier bundle holding
     nothing but what its manifest lists (and its LUTs): never a folder of the user's files, nor
     one that merely has a file called manifest.json."""
@@ -224,7 +224,7 @@ def staging(out: str):
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` in two renames."""
     out = os.path.abspath(out.rstrip("/\\"))
     parent = os.path.dirname(out)
-    _check_replaceable(out)
+    check_replaceable(out)
     try:
         os.makedirs(parent, exist_ok=True)
         # not mkdtemp: its 0700 would become the bundle's mode; this one follows the umask

@@ -146,6 +146,8 @@ def stitch_command(anchor_files: tuple[str, ...], anchors: str | None, calib: st
         names = [f"{n}:img_size={img_size}" for n in names]
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise StitchError(f"--out {out}: its folder does not exist; create it first")
+    if any(os.path.exists(out) and os.path.samefile(out, a) for a in anchor_files if os.path.exists(a)):
+        raise StitchError(f"--out {out}: is one of the anchor checkpoints; write the SN-Net to a new file")
     say(f"reading {len(anchor_files)} anchors")
     vits = [read_anchor(path, name) for path, name in zip(anchor_files, names or [None] * len(anchor_files))]
     images = read_calibration_images(calib, tuple(vits[0].patch_embed.img_size), calib_count)

@@ -15,6 +15,7 @@ from .errors import StitchError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_CROP_PCT = 0.25  # smaller crops blow up the resize (1e-6: a 10^8-pixel side)
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -27,6 +28,10 @@ def load_image(path: str, size: tuple[int, int], crop_pct: float = 1.0, normaliz
     from PIL import Image
 
     height, width = size
+    if not MIN_CROP_PCT <= crop_pct <= 1:
+        raise StitchError(f"crop_pct {crop_pct!r}: expected {MIN_CROP_PCT} to 1 (the share of the resized image kept)")
+    if not os.path.isfile(path):  # a pipe would block the read
+        raise StitchError(f"{path}: not a regular file; remove it from the image folder")
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
@@ -35,7 +40,7 @@ def load_image(path: str, size: tuple[int, int], crop_pct: float = 1.0, normaliz
                              Image.Resampling.BICUBIC)
             left, top = (img.width - width) // 2, (img.height - height) // 2
             array = np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.float32) / 255.0
-    except OSError as exc:
+    except (OSError, Image.DecompressionBombError) as exc:  # the bomb: PIL's guard against huge images
         raise StitchError(f"{path}: not a readable image ({exc.__class__.__name__}); remove or replace it") from None
     if normalize:
         array = (array - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
@@ -44,4 +49,9 @@ def load_image(path: str, size: tuple[int, int], crop_pct: float = 1.0, normaliz
 
 def find_images(folder: str) -> list[str]:
     """Every image file under ``folder`` (sub-folders included), sorted."""
-    return sorted(os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if is_image(f))
+    return sorted(os.path.join(d, f) for d, _, names in os.walk(folder, onerror=_unreadable) for f in names if is_image(f))
+
+
+def _unreadable(exc: OSError):
+    """os.walk would skip an unreadable sub-folder silently, and with it a class's images."""
+    raise StitchError(f"{exc.filename}: cannot read this folder ({exc.strerror}); fix its permissions or remove it")

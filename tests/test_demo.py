@@ -69,3 +69,25 @@ def test_inspect_marks_the_flops_accuracy_frontier_of_a_bundle(demo_run, capsys)
     assert run_cli("inspect", out / "bundle") == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
     assert {int(r.split()[0]) for r in rows if "*" in r} == set(described["frontier"])
+
+
+@pytest.mark.parametrize("plant, needle", [
+    (lambda out: (out / "snnet_digits.pth").write_text("the user's notes"), "holds snnet_digits.pth"),
+    (lambda out: (out / "data.csv").write_text("1,2"), "holds data.csv"),
+    (lambda out: ((out / "bundle").mkdir(), (out / "bundle" / "mine.txt").write_text("x")), "exists and is not a bundle"),
+], ids=["own-name", "other-file", "bundle-of-other-files"])
+def test_demo_refuses_a_folder_of_user_files_before_training(cli, tmp_path, plant, needle):
+    """Checked before a minute of training; nothing of the user's is overwritten."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    plant(out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, stdout, err = cli("demo", "--fast", "--quiet", "--out", out)
+    assert code == 2 and stdout == "" and err.count("\n") == 1 and needle in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_demo_out_may_not_be_a_file(cli, tmp_path):
+    (tmp_path / "f").write_text("mine")
+    code, _, err = cli("demo", "--fast", "--quiet", "--out", tmp_path / "f")
+    assert code == 2 and "exists and is not a folder" in err and (tmp_path / "f").read_text() == "mine"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import numpy as np
@@ -137,7 +138,7 @@ def test_failed_save_keeps_the_old_file(stitched, tmp_path, monkeypatch):
     def broken(*_a, **_k):
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(StitchError, match=r"snnet\.pth: cannot write the checkpoint \(disk full\)"):
         save_checkpoint(stitched, str(path))
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["snnet.pth"]
 
@@ -172,9 +173,20 @@ def test_stitch_rejects_bad_anchors(make, match, calib):
         stitch(make(), calib)
 
 
-def test_stitch_rejects_bad_images(anchors):
-    with pytest.raises(StitchError, match=r"float tensor \[N, C, H, W\]"):
-        stitch(anchors, torch.zeros(4, 3, 16, 16, dtype=torch.uint8))
+@pytest.mark.parametrize("images, match", [
+    (torch.zeros(4, 3, 16, 16, dtype=torch.uint8), r"non-empty float32 tensor \[N, C, H, W\]"),
+    (torch.zeros(0, 3, 16, 16), r"non-empty float32 tensor"),
+    (np.zeros((4, 3, 16, 16), np.float32), r"non-empty float32 tensor"),
+    (torch.full((4, 3, 16, 16), float("nan")), "hold NaN or Inf"),
+], ids=["uint8", "empty", "numpy", "nan"])
+def test_stitch_rejects_bad_images(anchors, images, match):
+    with pytest.raises(StitchError, match=match):
+        stitch(anchors, images)
+
+
+def test_stitch_rejects_anchors_with_other_heads(calib):
+    with pytest.raises(StitchError, match=r"\[7, 10\] classes"):
+        stitch([tiny_vit(64), tiny_vit(128, num_classes=7)], calib)
 
 
 # ---- the stitch command ----------------------------------------------------------------------
@@ -248,6 +260,11 @@ def _cli_error_cases(root, paths, tmp):
     broken = tmp / "broken"
     broken.mkdir()
     (broken / "x.png").write_bytes(b"\x89PNG truncated")
+    piped = tmp / "piped"
+    piped.mkdir()
+    os.mkfifo(piped / "x.png")  # reading it would block forever
+    headless = tmp / "headless.pth"
+    torch.save(tiny_vit(256, num_classes=0).state_dict(), headless)
     calib = ["--calib", root / "calib"]
     return {
         "missing file": ([tmp / "nope.pth", *paths[1:], *calib], "no such file"),
@@ -262,6 +279,14 @@ def _cli_error_cases(root, paths, tmp):
         "no images": ([*paths, "--calib", empty], "no images found"),
         "bad image": ([*paths, "--calib", broken], "not a readable image"),
         "out folder": ([*paths, *calib, "--out", tmp / "missing" / "x.pth"], "folder does not exist"),
+        "out is an anchor": ([*paths, *calib, "--out", paths[1]], "is one of the anchor checkpoints"),
+        "out is a pipe": ([*paths, *calib, "--out", piped / "x.png"], "not a regular file"),
+        "image is a pipe": ([*paths, "--calib", piped], "not a regular file"),
+        "no head": ([*paths, headless, *calib], "[0, 10] classes (0: no head)"),
+        "timm kwarg error": ([*paths, "--anchors", ",".join(["vit_tiny_patch16_224:act_layer=xyz"] * 3), *calib],
+                             "KeyError"),
+        "timm loads files": ([*paths, "--anchors", ",".join(["vit_tiny_patch16_224:checkpoint_path=/etc/hosts"] * 3),
+                              *calib], "checkpoint_path is not allowed"),
     }
 
 
@@ -269,6 +294,7 @@ def test_cli_stitch_errors_are_one_line_and_keep_out(cli, cli_files, tmp_path):
     root, paths = cli_files
     out = tmp_path / "snnet.pth"
     out.write_bytes(b"previous")
+    anchor_bytes = [p.read_bytes() for p in paths]
     for case, (args, match) in _cli_error_cases(root, paths, tmp_path).items():
         if "--out" not in args:
             args = [*args, "--out", out]
@@ -277,6 +303,7 @@ def test_cli_stitch_errors_are_one_line_and_keep_out(cli, cli_files, tmp_path):
         assert stdout == "" and stderr.count("\n") == 1, (case, stderr)
         assert stderr.startswith("error: ") and match in stderr, (case, stderr)
         assert out.read_bytes() == b"previous", case
+    assert [p.read_bytes() for p in paths] == anchor_bytes
 
 
 # ---- the demo training -----------------------------------------------------------------------

@@ -366,6 +366,8 @@ def test_accuracy_from_results_file_goes_into_the_manifest(cli, bundle):
     ('{"cfg_id": 5, "acc1": 70}', "results.txt:2: cfg_id 5 is not a config"),
     ('{"cfg_id": 3}', "results.txt:2: expected a JSON object with 'cfg_id' and 'acc1'"),
     ('{"cfg_id": 3, "acc1": 170}', "results.txt:2: acc1 170"),
+    ("[" * 100_000, "results.txt:2: not a JSON object"),
+    ('{"cfg_id": 3, "acc1": ' + "9" * 5000 + "}", "results.txt:2: not a JSON object"),
 ])
 def test_a_bad_results_line_is_named_and_nothing_is_written(cli, bundle, line, needle):
     path = os.path.join(bundle, "results.txt")
@@ -404,6 +406,18 @@ def test_accuracy_eval_measures_top1_of_every_config(cli, bundle, v1_net, tmp_pa
         assert b.config(cid)["accuracy"] == pytest.approx(expected, abs=1e-3), cid
     one_line_error(*cli("accuracy", bundle)[::2], "exactly one of --from")
     one_line_error(*cli("accuracy", bundle, "--eval", tmp_path)[::2], "no images found")
+    one_line_error(*cli("accuracy", bundle, "--eval", folder, "--crop-pct", 1e-6, "--quiet")[::2], "crop_pct 1e-06")
+    os.mkfifo(folder / "dog" / "pipe.png")  # reading it would block forever
+    one_line_error(*cli("accuracy", bundle, "--eval", folder, "--quiet")[::2], "pipe.png: not a regular file")
+    one_line_error(*cli("accuracy", bundle, "--from", folder / "dog" / "pipe.png")[::2], "not a regular file")
+
+
+def test_budgets_beyond_any_float_are_one_error(bundle):
+    write_lut(bundle)
+    rt = sc.Runtime(str(bundle), preload=False)
+    for budget in (10**400, float("nan"), None):
+        with pytest.raises(sc.StitchError, match="expected a positive, finite number"):
+            rt.selector().select(budget)
 
 
 def test_eval_preprocessing_without_normalisation_is_plain_pixels(runtime, tmp_path):

@@ -17,29 +17,58 @@ from typing import Callable
 import numpy as np
 
 from ..bench import bench
+from ..bundle import check_replaceable
+from ..errors import StitchError
 from ..accuracy import store_accuracy
 from ..export import export
 from ..model import describe_route, load
 from ..model.checkpoint import save_checkpoint
-from ..plot import plot
+from ..plot import PNG_SIGNATURE, plot
 from ..runtime import Runtime
 from .train import train_demo
 
 BATCH = 64
+CHECKPOINT, BUNDLE, PLOT = "snnet_digits.pth", "bundle", "pareto.png"
+
+
+def check_out(out: str) -> None:
+    """Before a minute of training: ``out`` must be new, empty or an earlier demo's folder, whose
+    three outputs the demo replaces. Anything else in it (or another file under those names) is
+    the user's, and is refused rather than overwritten."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise StitchError(f"--out {out}: exists and is not a folder; choose a new or empty folder")
+    if not os.path.isdir(out):
+        return
+    foreign = sorted(set(os.listdir(out)) - {CHECKPOINT, BUNDLE, PLOT})
+    own = {CHECKPOINT: b"PK\x03\x04", PLOT: PNG_SIGNATURE}  # a torch zip, a PNG
+    for name, magic in own.items():
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                if f.read(len(magic)) != magic:
+                    foreign.append(name)
+    if foreign:
+        raise StitchError(f"--out {out}: holds {foreign[0]}, which an earlier demo did not write; "
+                          "choose a new or empty folder")
+    check_replaceable(os.path.join(out, BUNDLE))
 
 
 def run_demo(out: str, fast: bool = False, quiet: bool = False, echo: Callable[[str], None] = print) -> dict:
     """Run every step into folder ``out``; return what the demo showed (for tests and scripts)."""
-    os.makedirs(out, exist_ok=True)
+    check_out(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise StitchError(f"--out {out}: cannot create it ({e.strerror or e})") from None
     started = time.perf_counter()
     say = (lambda _m: None) if quiet else (lambda m: echo(f"[{time.perf_counter() - started:5.1f}s] {m}"))
     trained = train_demo(fast=fast, progress=say)
-    ckpt = os.path.join(out, "snnet_digits.pth")
+    ckpt = os.path.join(out, CHECKPOINT)
     save_checkpoint(trained.net, ckpt, args=argparse.Namespace(model="snnet_digits", fast=fast))
     say(f"saved {ckpt} in the public SN-Net v1 layout")
 
     net = load(ckpt)  # from the file, as any user's checkpoint
-    bundle = export(net, os.path.join(out, "bundle"), targets="onnx", quiet=quiet, report=say)
+    bundle = export(net, os.path.join(out, BUNDLE), targets="onnx", quiet=quiet, report=say)
     say(f"exported {len(bundle.configs)} configs to {bundle.root}")
     runtime = Runtime(bundle, device="cpu", threads=1)
     lut = bench(runtime, batches=(BATCH,), runs=20 if fast else 40, warmup=5, quiet=quiet)
@@ -64,7 +93,7 @@ def run_demo(out: str, fast: bool = False, quiet: bool = False, echo: Callable[[
     for budget in budgets:
         choice = runtime.choice(budget, batch=BATCH)
         echo(f"budget {budget:.3f} ms -> config {choice.id}: {choice.latency_ms:.3f} ms, top-1 {choice.accuracy:.2f}%")
-    png = plot(bundle, os.path.join(out, "pareto.png"), selector=selector, title="SN-Net on digits")
+    png = plot(bundle, os.path.join(out, PLOT), selector=selector, title="SN-Net on digits")
     echo(f"wrote {png}; total {time.perf_counter() - started:.0f} s")
     return {"bundle": bundle.root, "accuracy": accuracy, "latency": latency, "frontier": sorted(frontier),
             "budgets": {b: runtime.select(b, batch=BATCH) for b in budgets}, "png": png, **summary}

@@ -172,6 +172,8 @@ def save_checkpoint(net_or_state: nn.Module | dict[str, torch.Tensor], path: str
         raise StitchError(f"{path}: folder {folder} does not exist; create it first")
     if os.path.isdir(path):
         raise StitchError(f"{path}: is a folder; pass the checkpoint file name to write")
+    if os.path.exists(path) and not os.path.isfile(path):  # a rename would replace a device or pipe
+        raise StitchError(f"{path}: exists and is not a regular file; pass a checkpoint file name to write")
     container = {
         "model": {k: v.detach().cpu().contiguous() for k, v in state.items()},
         "optimizer": {"state": {}, "param_groups": []},
@@ -185,6 +187,8 @@ def save_checkpoint(net_or_state: nn.Module | dict[str, torch.Tensor], path: str
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a read-only folder, a full disk
+        raise StitchError(f"{path}: cannot write the checkpoint ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

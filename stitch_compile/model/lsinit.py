@@ -112,9 +112,15 @@ def _check_anchors(anchors: Sequence[nn.Module], images: torch.Tensor) -> None:
         raise StitchError(f"anchors must have equal token grids, found {grids} tokens")
     if widths != sorted(widths):
         raise StitchError(f"anchors must be ordered by increasing width (smallest first), found widths {widths}")
-    if images.ndim != 4 or not images.is_floating_point():
-        raise StitchError(f"calibration images must be a float tensor [N, C, H, W], "
-                          f"got {images.dtype} {list(images.shape)}")
+    classes = sorted({v.num_classes for v in anchors})
+    if len(classes) != 1 or classes[0] < 1:
+        raise StitchError(f"anchors' classifier heads have {classes} classes (0: no head); an SN-Net's anchors "
+                          "share one head size")
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.dtype != torch.float32 or not len(images):
+        raise StitchError(f"calibration images must be a non-empty float32 tensor [N, C, H, W], got "
+                          f"{getattr(images, 'dtype', type(images).__name__)} {list(getattr(images, 'shape', []))}")
+    if not torch.isfinite(images).all():
+        raise StitchError("calibration images hold NaN or Inf")
     for i, vit in enumerate(anchors):
         want = (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
         if tuple(images.shape[1:]) != want:

@@ -21,7 +21,7 @@ from ..errors import StitchError
 from .backend import Backend, Runner, create_backend, default_backend
 from .device import default_threads, device_key
 from .lut import Lut, read_lut
-from .select import Choice, Selector, check_budget
+from .select import Choice, Selector
 
 
 class Runtime:
@@ -102,9 +102,9 @@ class Runtime:
 
     def select(self, budget_ms: float, metric: str = "p50", batch: int = 1) -> int:
         """Id of the most accurate config (else the most FLOPs) whose latency fits ``budget_ms``."""
-        return self.selector(metric, batch).select(check_budget(budget_ms))
+        return self.selector(metric, batch).select(budget_ms)
 
     def choice(self, budget_ms: float, metric: str = "p50", batch: int = 1) -> Choice:
         """``select``, with the chosen config's latency, accuracy and FLOPs."""
         selector = self.selector(metric, batch)
-        return selector.choices[selector.select(check_budget(budget_ms))]
+        return selector.choices[selector.select(budget_ms)]

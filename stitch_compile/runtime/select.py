@@ -57,6 +57,7 @@ class Selector:
         return "accuracy" if any(c.accuracy is not None for c in self.choices.values()) else "flops"
 
     def select(self, budget_ms: float) -> int:
+        budget_ms = check_budget(budget_ms)
         i = bisect.bisect_right(self._latencies, budget_ms)
         if i == 0:
             f = self.fastest
@@ -82,7 +83,7 @@ class Selector:
 def check_budget(budget_ms) -> float:
     try:
         budget = float(budget_ms)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond any float
         budget = float("nan")
     if not budget > 0 or budget == float("inf"):
         raise StitchError(f"budget {budget_ms!r} ms: expected a positive, finite number of milliseconds")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -103,10 +104,16 @@ def build_named(spec_text: str) -> nn.Module:
         kwargs[key.strip()] = _parse_value(value.strip())
     if not timm.is_model(name):
         raise StitchError(f"--anchors: unknown timm model {name!r}; see timm.list_models()")
+    loading = sorted(k for k in kwargs if k.startswith(("pretrained", "checkpoint", "cache")))
+    if loading:  # timm would read or download weights; the checkpoint's are the ones to use
+        raise StitchError(f"--anchors {spec_text!r}: {loading[0]} is not allowed; the anchor's weights come from the checkpoint")
     try:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    except (TypeError, ValueError, AssertionError, ZeroDivisionError, RuntimeError) as exc:  # timm rejects the kwargs
-        raise StitchError(f"--anchors {spec_text!r}: {type(exc).__name__}: {exc}") from None
+        with warnings.catch_warnings():  # timm/torch warn about odd sizes on stderr; the error says it once
+            warnings.simplefilter("ignore")
+            return timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, KeyError, AssertionError, ZeroDivisionError, RuntimeError) as exc:  # timm rejects the kwargs
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise StitchError(f"--anchors {spec_text!r}: {type(exc).__name__}: {first}") from None
 
 
 def _parse_value(text: str):
