@@ -236,6 +236,14 @@ def test_bad_anchors_python(v1_ckpt, anchors, match):
         sc.load(str(v1_ckpt[0]), anchors=anchors)
 
 
+@pytest.mark.parametrize("x", [torch.zeros(2, 3, 16, 16), torch.zeros(3, 32, 32), torch.zeros(2, 1, 32, 32),
+                               np.zeros((2, 3, 32, 32), np.float32)], ids=["small", "no-batch", "grey", "numpy"])
+def test_forward_names_the_input_it_takes(v1_net, x):
+    """Instead of timm's assertion or a convolution's shape error deep inside a route."""
+    with pytest.raises(StitchError, match=r"this network takes a tensor \[batch, 3, 32, 32\]"):
+        v1_net(x, 0)
+
+
 # ---- 5. Learngene-Pool-style checkpoints ------------------------------------------------------
 
 @torch.no_grad()

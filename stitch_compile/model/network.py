@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import StitchError
 from .space import StitchConfig, StitchSpace
 
 
@@ -55,6 +56,9 @@ class StitchableNet(nn.Module):
     def forward(self, x: torch.Tensor, config: int | StitchConfig, use_kernels: bool = False) -> torch.Tensor:
         """Run ``config``'s route; ``use_kernels=True`` fuses each ViT stitching layer with the next
         block's LayerNorm (``stitch_compile.kernels.fused_forward``: a Triton kernel on CUDA)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 1 + len(self.input_shape) or x.shape[1:] != self.input_shape:
+            shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise StitchError(f"input {shape}: this network takes a tensor [batch, {', '.join(map(str, self.input_shape))}]")
         if use_kernels:  # imported on use: the kernels build on this module, and need Triton on a GPU
             from ..kernels import fused_forward
 
