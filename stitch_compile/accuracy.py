@@ -20,8 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .bundle import MANIFEST, Bundle, load_bundle, write_json
-from .errors import StitchError
-from .images import is_image, load_image
+from .errors import StitchError, first_line
+from .images import is_image, load_image, unreadable_folder
 from .runtime import Runtime
 
 
@@ -42,7 +42,7 @@ def read_results(path: str, bundle: Bundle) -> dict[int, float]:
         try:
             record = json.loads(line)
         except (ValueError, RecursionError) as exc:  # bad JSON, a 5000-digit number, deep nesting
-            raise StitchError(f"{path}:{lineno}: not a JSON object ({str(exc).splitlines()[0][:80]})") from None
+            raise StitchError(f"{path}:{lineno}: not a JSON object ({first_line(exc)})") from None
         if not isinstance(record, dict) or "cfg_id" not in record or "acc1" not in record:
             raise StitchError(f"{path}:{lineno}: expected a JSON object with 'cfg_id' and 'acc1'")
         cid, acc = record["cfg_id"], record["acc1"]
@@ -85,7 +85,7 @@ def image_folder(folder: str) -> tuple[list[str], list[tuple[str, int]]]:
         samples = [(os.path.join(folder, c, name), label) for label, c in enumerate(classes)
                    for name in sorted(os.listdir(os.path.join(folder, c))) if is_image(name)]
     except OSError as e:
-        raise StitchError(f"{e.filename}: cannot read this folder ({e.strerror}); fix its permissions or remove it") from None
+        unreadable_folder(e)
     if not samples:
         raise StitchError(f"{folder}: no images found; expected one sub-folder of images per class")
     return classes, samples

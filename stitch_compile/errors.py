@@ -9,3 +9,9 @@ bug and keeps its traceback.
 
 class StitchError(Exception):
     """Bad input: a one-line, user-facing message (what, where, what to do)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """What a StitchError quotes of a library's exception: its first line, or its type if empty."""
+    text = str(exc).strip().splitlines()
+    return text[0][:160] if text else type(exc).__name__

@@ -49,9 +49,10 @@ def load_image(path: str, size: tuple[int, int], crop_pct: float = 1.0, normaliz
 
 def find_images(folder: str) -> list[str]:
     """Every image file under ``folder`` (sub-folders included), sorted."""
-    return sorted(os.path.join(d, f) for d, _, names in os.walk(folder, onerror=_unreadable) for f in names if is_image(f))
+    return sorted(os.path.join(d, f) for d, _, names in os.walk(folder, onerror=unreadable_folder) for f in names if is_image(f))
 
 
-def _unreadable(exc: OSError):
-    """os.walk would skip an unreadable sub-folder silently, and with it a class's images."""
+def unreadable_folder(exc: OSError):
+    """Raise for a folder that cannot be listed (os.walk's default skips it silently, and with it
+    a class's images)."""
     raise StitchError(f"{exc.filename}: cannot read this folder ({exc.strerror}); fix its permissions or remove it")

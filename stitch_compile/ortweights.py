@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper
 
 from .bundle import inside
-from .errors import StitchError
+from .errors import StitchError, first_line
 
 # what onnx.load and InferenceSession raise for a malformed graph (none derives from a common base)
 _ORT_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name)
@@ -95,5 +95,5 @@ class SharedWeights:
                     options.add_initializer(tensor.name, self.value(tensor))
             return ort.InferenceSession(graph_path, sess_options=options, providers=providers or ["CPUExecutionProvider"])
         except (DecodeError, *_ORT_ERRORS) as exc:  # a graph that hashes right (manifest edited too) yet is no model
-            raise StitchError(f"{graph_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]}); "
+            raise StitchError(f"{graph_path}: ONNX Runtime cannot load it ({first_line(exc)}); "
                               "the bundle is corrupt or tampered, re-export it") from None

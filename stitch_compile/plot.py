@@ -36,12 +36,9 @@ def points(bundle: Bundle, x: str, selector: Selector | None) -> tuple[dict, str
     return pts, x_label, "top-1 accuracy (%)" if has_accuracy else "GFLOPs"
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _is_png(path: str) -> bool:
+def is_png(path: str) -> bool:
     with open(path, "rb") as f:
-        return f.read(8) == PNG_SIGNATURE
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def plot(bundle: Bundle, out: str, x: str = "latency", selector: Selector | None = None, title: str = "") -> str:
@@ -53,7 +50,7 @@ def plot(bundle: Bundle, out: str, x: str = "latency", selector: Selector | None
         raise StitchError(f"-o {out!r}: expected the name of a PNG file to write")
     if bundle.holds(out):
         raise StitchError(f"{out}: is one of the bundle's own files; write the plot elsewhere")
-    if os.path.exists(out) and not _is_png(out):
+    if os.path.exists(out) and not is_png(out):
         raise StitchError(f"{out}: exists and is not a PNG; plot replaces only an earlier plot")
     pts, x_label, y_label = points(bundle, x, selector)
     folder = os.path.dirname(os.path.abspath(out))

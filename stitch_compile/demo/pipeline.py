@@ -22,8 +22,8 @@ from ..errors import StitchError
 from ..accuracy import store_accuracy
 from ..export import export
 from ..model import describe_route, load
-from ..model.checkpoint import save_checkpoint
-from ..plot import PNG_SIGNATURE, plot
+from ..model.checkpoint import save_checkpoint, starts_with_zip_magic
+from ..plot import is_png, plot
 from ..runtime import Runtime
 from .train import train_demo
 
@@ -40,13 +40,10 @@ def check_out(out: str) -> None:
     if not os.path.isdir(out):
         return
     foreign = sorted(set(os.listdir(out)) - {CHECKPOINT, BUNDLE, PLOT})
-    own = {CHECKPOINT: b"PK\x03\x04", PLOT: PNG_SIGNATURE}  # a torch zip, a PNG
-    for name, magic in own.items():
+    for name, ours in ((CHECKPOINT, starts_with_zip_magic), (PLOT, is_png)):  # a torch zip, a PNG
         path = os.path.join(out, name)
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                if f.read(len(magic)) != magic:
-                    foreign.append(name)
+        if os.path.exists(path) and not ours(path):
+            foreign.append(name)
     if foreign:
         raise StitchError(f"--out {out}: holds {foreign[0]}, which an earlier demo did not write; "
                           "choose a new or empty folder")

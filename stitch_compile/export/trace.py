@@ -15,7 +15,7 @@ import warnings
 import onnx
 import torch
 
-from ..errors import StitchError
+from ..errors import StitchError, first_line
 from ..model.network import Segment
 
 IN, OUT = "x", "y"
@@ -48,5 +48,5 @@ def trace_segment(segment: Segment, opset: int) -> onnx.ModelProto:
             )
         except torch.onnx.errors.OnnxExporterError as exc:  # an operator the opset lacks
             raise StitchError(f"--opset {opset}: segment {segment.key} cannot be exported at this opset "
-                              f"({str(exc).splitlines()[0][:120]}); use a newer opset") from None
+                              f"({first_line(exc)}); use a newer opset") from None
     return onnx.load_from_string(buf.getvalue())

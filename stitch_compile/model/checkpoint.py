@@ -22,7 +22,7 @@ import zipfile
 import torch
 from torch import nn
 
-from ..errors import StitchError
+from ..errors import StitchError, first_line
 
 # Containers the public training code writes, most specific first (SNNET_FORMATS.md).
 CONTAINER_KEYS = ("model", "state_dict", "state_dict_ema")
@@ -84,24 +84,19 @@ def _load_object(path: str):
             ) from None
         raise StitchError(f"{path}: not a torch checkpoint: torch.load cannot read it") from None
     except Exception as exc:  # junk bytes make torch's unpickler raise KeyError, IndexError, ... too
-        if zipfile.is_zipfile(path) or _starts_with_zip_magic(path):
-            raise StitchError(f"{path}: truncated or corrupt torch file ({_first_line(exc)}); re-copy or re-save it") from None
-        raise StitchError(f"{path}: not a torch checkpoint (torch.load failed: {_first_line(exc)})") from None
+        if zipfile.is_zipfile(path) or starts_with_zip_magic(path):
+            raise StitchError(f"{path}: truncated or corrupt torch file ({first_line(exc)}); re-copy or re-save it") from None
+        raise StitchError(f"{path}: not a torch checkpoint (torch.load failed: {first_line(exc)})") from None
 
 
 def _unsupported_global(exc: Exception) -> str:
     for line in str(exc).splitlines():
         if "Unsupported global" in line or "GLOBAL" in line:
             return line.strip().split(" was not an allowed global")[0].rstrip(".")
-    return _first_line(exc)
+    return first_line(exc)
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:160] if text else type(exc).__name__
-
-
-def _starts_with_zip_magic(path: str) -> bool:
+def starts_with_zip_magic(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import StitchError
+from ...errors import StitchError, first_line
 from ..network import StitchableNet
 from . import snnet_v1, snnet_v1_levit, snnet_v1_resnet, snnet_v1_resnet_swin, snnet_v1_swin, snnet_v2
 
@@ -23,8 +23,7 @@ def _build(fam, state: dict[str, torch.Tensor], anchors: list[str] | None) -> St
     try:
         net = fam.build(state, anchors)
     except (IndexError, ZeroDivisionError, ValueError, TypeError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise StitchError(f"tensors of impossible shapes for a {fam.NAME} checkpoint ({type(exc).__name__}: {first}); "
+        raise StitchError(f"tensors of impossible shapes for a {fam.NAME} checkpoint ({type(exc).__name__}: {first_line(exc)}); "
                           "was it edited or written by other code?") from exc  # --debug shows where
     _check_interface(net)
     return net

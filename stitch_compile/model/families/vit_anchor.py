@@ -18,7 +18,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ...errors import StitchError
+from ...errors import StitchError, first_line
 from ..network import Segment
 from .stitching import stitch_segment as token_stitch_segment
 
@@ -112,8 +112,7 @@ def build_named(spec_text: str) -> nn.Module:
             warnings.simplefilter("ignore")
             return timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, ValueError, KeyError, AssertionError, ZeroDivisionError, RuntimeError) as exc:  # timm rejects the kwargs
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise StitchError(f"--anchors {spec_text!r}: {type(exc).__name__}: {first}") from None
+        raise StitchError(f"--anchors {spec_text!r}: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def _parse_value(text: str):
