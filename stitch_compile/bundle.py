@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import operator
 import os
 import shutil
 import tempfile
@@ -21,7 +20,7 @@ from importlib import resources
 
 import jsonschema
 
-from .errors import StitchError
+from .errors import StitchError, exact_int
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -65,13 +64,11 @@ class Bundle:
     def config(self, config_id) -> dict:
         """The manifest entry of an integer id (Python or numpy); a float, bool or string is an
         unknown id, not rounded or parsed into one."""
-        try:
-            if isinstance(config_id, bool):
-                raise TypeError
-            return self.configs[operator.index(config_id)]
-        except (KeyError, TypeError):
+        entry = self.configs.get(exact_int(config_id))
+        if entry is None:
             ids = sorted(self.configs)
-            raise StitchError(f"{self.root}: unknown config id {config_id!r}; this bundle has {len(ids)} configs, ids {ids[0]}..{ids[-1]}") from None
+            raise StitchError(f"{self.root}: unknown config id {config_id!r}; this bundle has {len(ids)} configs, ids {ids[0]}..{ids[-1]}")
+        return entry
 
     def path(self, rel: str) -> str:
         return inside(self.root, rel)

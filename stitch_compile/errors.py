@@ -6,6 +6,8 @@ wrong, where, and what to do. The CLI prints that line and exits with code 2; an
 bug and keeps its traceback.
 """
 
+import operator
+
 
 class StitchError(Exception):
     """Bad input: a one-line, user-facing message (what, where, what to do)."""
@@ -15,3 +17,14 @@ def first_line(exc: BaseException) -> str:
     """What a StitchError quotes of a library's exception: its first line, or its type if empty."""
     text = str(exc).strip().splitlines()
     return text[0][:160] if text else type(exc).__name__
+
+
+def exact_int(value) -> int | None:
+    """``value`` as an int if it is an integer (Python or numpy), else None: a config id or batch
+    size given as a float, bool or string is not rounded or parsed into one."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None

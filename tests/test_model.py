@@ -85,7 +85,8 @@ def test_v2_net_configs_match_reference(request, net_name, ckpt_name, depths):
     for not_an_id in (True, 1.0, "1"):  # ids are integers: not converted into config 1
         with pytest.raises(StitchError, match=f"unknown config id {not_an_id!r}"):
             net.configs[not_an_id]
-    assert net.configs[np.int64(1)] is net.configs[1]
+        assert not_an_id not in net.configs
+    assert net.configs[np.int64(1)] is net.configs[1] and np.int64(1) in net.configs
 
 
 # ---- 2. forward against the independent reference --------------------------------------------

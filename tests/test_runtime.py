@@ -285,6 +285,9 @@ def test_select_picks_the_most_accurate_config_within_budget(cli, bundle):
     assert rt.select(budget_ms=9.5) == 45
     assert rt.select(budget_ms=100) == 2
     assert rt.select(budget_ms=2.0) == 0  # the budget is inclusive
+    for not_a_batch in (True, 1.0, "1"):  # batch sizes are integers, as config ids are
+        with pytest.raises(sc.StitchError, match=f"no entries for batch {not_a_batch!r}"):
+            rt.select(budget_ms=100, batch=not_a_batch)
     code, out, err = cli("select", bundle, "--budget-ms", 5.5)
     assert code == 0, err
     assert out.startswith("config 20: 5.000 ms p50") and "(predicted)" in out and "top-1 79.50%" in out

@@ -7,11 +7,10 @@ fold over routes, so a family only has to say which segments exist and which rou
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
-from ..errors import StitchError
+from ..errors import StitchError, exact_int
 
 
 @dataclass(frozen=True)
@@ -93,15 +92,13 @@ class StitchSpace:
 
     def __getitem__(self, config_id: int) -> StitchConfig:
         """An integer id (Python or numpy); a float, bool or string is unknown, not converted."""
-        try:
-            if isinstance(config_id, bool):
-                raise TypeError
-            return self._by_id[operator.index(config_id)]
-        except (KeyError, TypeError):
-            raise StitchError(f"unknown config id {config_id!r}: valid ids are {self.id_ranges()}") from None
+        config = self._by_id.get(exact_int(config_id))
+        if config is None:
+            raise StitchError(f"unknown config id {config_id!r}: valid ids are {self.id_ranges()}")
+        return config
 
     def __contains__(self, config_id) -> bool:
-        return config_id in self._by_id
+        return exact_int(config_id) in self._by_id
 
     def __iter__(self) -> Iterator[StitchConfig]:
         return iter(self._by_id.values())

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import jsonschema
 
 from ..bundle import Bundle, read_json, write_json
-from ..errors import StitchError
+from ..errors import StitchError, exact_int
 
 FORMAT, VERSION = "stitch-compile-lut", 1
 METRICS = ("p50", "p90", "p99")
@@ -63,9 +63,9 @@ class Lut:
         """{config id: (latency ms at ``metric``, predicted)} for one batch size."""
         if metric not in METRICS:
             raise StitchError(f"unknown latency metric {metric!r}; choose from {', '.join(METRICS)}")
-        rows = self.data["latency"].get(str(batch))
+        rows = self.data["latency"].get(str(exact_int(batch)))
         if rows is None:
-            raise StitchError(f"{self.path}: no entries for batch {batch} (measured: "
+            raise StitchError(f"{self.path}: no entries for batch {batch!r} (measured: "
                               f"{', '.join(map(str, self.batches))}); run bench with --batch {batch}")
         return {int(cid): (e[f"{metric}_ms"], e["predicted"]) for cid, e in rows.items()}
 

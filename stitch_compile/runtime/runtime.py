@@ -17,7 +17,7 @@ import threading
 import numpy as np
 
 from ..bundle import Bundle, load_bundle
-from ..errors import StitchError
+from ..errors import StitchError, exact_int
 from .backend import Backend, Runner, create_backend, default_backend
 from .device import default_threads, device_key
 from .lut import Lut, read_lut
@@ -90,7 +90,7 @@ class Runtime:
 
     def selector(self, metric: str = "p50", batch: int = 1) -> Selector:
         """The selection table for one latency metric and batch size (built once)."""
-        key = (metric, batch)
+        key = (metric, exact_int(batch))  # batch True would share batch 1's cached table
         selector = self._selectors.get(key)
         if selector is None:
             with self._lock:
