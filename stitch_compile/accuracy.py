@@ -81,7 +81,11 @@ def image_folder(folder: str) -> tuple[list[str], list[tuple[str, int]]]:
     if not os.path.isdir(folder):
         raise StitchError(f"{folder}: no such image folder")
     try:
-        classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
+        names = os.listdir(folder)
+        for name in names:  # a broken link to a class folder would shift every later class's label
+            if not os.path.exists(os.path.join(folder, name)):
+                raise StitchError(f"{os.path.join(folder, name)}: broken link; fix or remove it")
+        classes = sorted(d for d in names if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
         samples = [(os.path.join(folder, c, name), label) for label, c in enumerate(classes)
                    for name in sorted(os.listdir(os.path.join(folder, c))) if is_image(name)]
     except OSError as e:

@@ -413,6 +413,8 @@ def test_accuracy_eval_measures_top1_of_every_config(cli, bundle, v1_net, tmp_pa
     os.mkfifo(folder / "dog" / "pipe.png")  # reading it would block forever
     one_line_error(*cli("accuracy", bundle, "--eval", folder, "--quiet")[::2], "pipe.png: not a regular file")
     one_line_error(*cli("accuracy", bundle, "--from", folder / "dog" / "pipe.png")[::2], "not a regular file")
+    os.symlink(tmp_path / "moved", folder / "bird")  # would shift "cat" and "dog" by one label
+    one_line_error(*cli("accuracy", bundle, "--eval", folder, "--quiet")[::2], "bird: broken link")
 
 
 def test_budgets_beyond_any_float_are_one_error(bundle):
