@@ -175,20 +175,29 @@ def read_json(path: str):
             raise ValueError("nested too deeply") from None
 
 
-def write_json(path: str, obj) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then rename over."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}.json")  # not mkstemp: this follows the umask
+@contextlib.contextmanager
+def atomic_file(path: str, binary: bool = False):
+    """Yield a new file beside ``path`` that replaces it once written: a failed or interrupted write
+    never leaves a truncated file, nor destroys the one already there. A symlinked ``path`` keeps
+    its link (the file it points to is replaced). Not mkstemp: its 0600 would outlive the rename."""
+    path = os.path.realpath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
+        with open(tmp, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
 
 
 def check_replaceable(out: str) -> None:
@@ -218,8 +227,9 @@ def check_replaceable(out: str) -> None:
 
 @contextlib.contextmanager
 def staging(out: str):
-    """Yield a temporary folder beside ``out``; on success it replaces ``out`` in two renames."""
-    out = os.path.abspath(out.rstrip("/\\"))
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` in two renames (a
+    symlinked ``out`` keeps its link: the folder it points to is replaced)."""
+    out = os.path.realpath(out.rstrip("/\\"))
     parent = os.path.dirname(out)
     check_replaceable(out)
     try:

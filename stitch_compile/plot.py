@@ -7,9 +7,8 @@ matplotlib backend. Anchors are stars labelled with their names; predicted laten
 from __future__ import annotations
 
 import os
-import tempfile
 
-from .bundle import Bundle
+from .bundle import Bundle, atomic_file
 from .errors import StitchError
 from .model.space import pareto_frontier
 from .runtime.select import Selector
@@ -82,12 +81,6 @@ def plot(bundle: Bundle, out: str, x: str = "latency", selector: Selector | None
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(out, binary=True) as f:
+        fig.savefig(f, format="png")
     return out

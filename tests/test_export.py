@@ -264,6 +264,18 @@ def test_export_keeps_files_the_bundle_does_not_list(v1_ckpt, tmp_path, capsys):
     assert run_cli("export", v1_ckpt[0], "--out", out, "--configs", "3", "--targets", "onnx", "--quiet") == 0
 
 
+def test_export_through_a_symlinked_out_fills_the_folder_it_points_to(v1_ckpt, tmp_path):
+    """--out on a link (to a bigger disk, say): the link stays, the bundle lands where it points."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "b").symlink_to(tmp_path / "disk")
+    for configs in ("0", "3"):  # a new bundle, then one that replaces it
+        assert run_cli("export", v1_ckpt[0], "--out", tmp_path / "b", "--configs", configs, "--targets", "onnx",
+                       "--quiet") == 0
+        assert (tmp_path / "b").is_symlink()
+        assert [c["id"] for c in load_bundle(str(tmp_path / "disk")).manifest["configs"]] == [int(configs)]
+    assert sorted(os.listdir(tmp_path)) == ["b", "disk"]
+
+
 def test_interrupted_export_never_leaves_a_bundle_that_looks_whole(v1_ckpt, tmp_path):
     out = tmp_path / "b"
     proc = subprocess.Popen([sys.executable, "-m", "stitch_compile.cli", "export", str(v1_ckpt[0]),

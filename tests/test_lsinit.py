@@ -129,6 +129,9 @@ def test_saved_checkpoint_reloads_identically(stitched, calib, tmp_path):
         for config in stitched.configs:
             assert torch.equal(loaded(calib, config.id), stitched(calib, config.id)), config.id
     assert [p.name for p in tmp_path.iterdir()] == ["snnet.pth"]
+    (tmp_path / "latest.pth").symlink_to(path)  # a link kept to the newest checkpoint stays a link
+    save_checkpoint(stitched, str(tmp_path / "latest.pth"), args=argparse.Namespace(model="again"))
+    assert (tmp_path / "latest.pth").is_symlink() and torch.load(path, weights_only=False)["args"].model == "again"
 
 
 def test_failed_save_keeps_the_old_file(stitched, tmp_path, monkeypatch):

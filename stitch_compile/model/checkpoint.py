@@ -15,13 +15,13 @@ import argparse
 import os
 import pickle
 import types
-import uuid
 import warnings
 import zipfile
 
 import torch
 from torch import nn
 
+from ..bundle import atomic_file
 from ..errors import StitchError, first_line
 
 # Containers the public training code writes, most specific first (SNNET_FORMATS.md).
@@ -175,15 +175,8 @@ def save_checkpoint(net_or_state: nn.Module | dict[str, torch.Tensor], path: str
         "epoch": 0,
         "args": args if args is not None else argparse.Namespace(),
     }
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "xb") as f:
+        with atomic_file(path, binary=True) as f:
             torch.save(container, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:  # a read-only folder, a full disk
         raise StitchError(f"{path}: cannot write the checkpoint ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
