@@ -45,6 +45,10 @@ def test_demo_prints_every_config_and_fitting_choices(demo_run):
         budget, chosen = float(line.split()[1]), int(line.split("config ")[1].split(":")[0])
         assert latency[chosen] <= budget
     assert any(line.startswith("SN-Net effect:") for line in lines)
+    suggested = next(line for line in lines if line.startswith("next: "))  # the select it suggests works
+    args = suggested[len("next: stitch-compile "):].split(" (")[0].split()
+    done = subprocess.run([sys.executable, "-m", "stitch_compile.cli", *args], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith(f"config {int(choices[0].split('config ')[1].split(':')[0])}:"), done
 
 
 def test_wider_anchor_is_more_accurate(demo_run):

@@ -325,7 +325,14 @@ def test_select_errors_are_one_clear_line(cli, bundle):
     one_line_error(*cli("select", bundle, "--budget-ms", 1.5)[::2], "no config fits 1.5 ms", "config 0",
                    "2.000 ms (predicted)")
     one_line_error(*cli("select", bundle, "--budget-ms", -1)[::2], "budget")
-    one_line_error(*cli("select", bundle, "--budget-ms", 10, "--batch", 8)[::2], "no entries for batch 8")
+    one_line_error(*cli("select", bundle, "--budget-ms", 10, "--batch", 8)[::2], "no entries for batch 8",
+                   "or pass --batch 1")
+    if (os.cpu_count() or 1) > 1:  # a table measured with 1 thread: the error names --threads 1
+        shutil.rmtree(bundle / "lut")
+        write_lut(bundle, key=sc.Runtime(str(bundle), preload=False, threads=1).device_key)
+        one_line_error(*cli("select", bundle, "--budget-ms", 10, "--threads", 2)[::2], "no latency table",
+                       "or pass --threads 1 to use the table already measured with it")
+        assert cli("select", bundle, "--budget-ms", 10, "--threads", 1)[0] == 0
 
 
 @pytest.mark.parametrize("tamper, needle", [

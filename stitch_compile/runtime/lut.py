@@ -66,7 +66,8 @@ class Lut:
         rows = self.data["latency"].get(str(exact_int(batch)))
         if rows is None:
             raise StitchError(f"{self.path}: no entries for batch {batch!r} (measured: "
-                              f"{', '.join(map(str, self.batches))}); run bench with --batch {batch}")
+                              f"{', '.join(map(str, self.batches))}); run bench with --batch {batch}, "
+                              f"or pass --batch {self.batches[0]}")
         return {int(cid): (e[f"{metric}_ms"], e["predicted"]) for cid, e in rows.items()}
 
 
@@ -94,14 +95,14 @@ def validate(data, bundle: Bundle, path: str, device_key: str) -> Lut:
     return Lut(path, data)
 
 
-def read_lut(bundle: Bundle, device_key: str, bench_hint: str = "") -> Lut:
-    """The validated LUT of ``device_key``; a missing one says how to measure it."""
+def read_lut(bundle: Bundle, device_key: str, fix: str = "") -> Lut:
+    """The validated LUT of ``device_key``; a missing one says ``fix`` (by default: how to measure it)."""
     path = bundle.lut_path(device_key)
     if not os.path.isfile(path):
         have = available(bundle)
+        fix = fix or f"run 'stitch-compile bench {bundle.root}' on this machine first"
         raise StitchError(f"{bundle.root}: no latency table for device {device_key} "
-                          f"({'have: ' + ', '.join(have) if have else 'none measured yet'}); "
-                          f"run 'stitch-compile bench {bundle.root}{bench_hint}' on this machine first")
+                          f"({'have: ' + ', '.join(have) if have else 'none measured yet'}); {fix}")
     try:
         data = read_json(path)
     except ValueError as exc:  # bad JSON or encoding
