@@ -157,6 +157,17 @@ def test_accuracy_outranks_flops_and_p99_is_used_when_asked(binary, bundle, imag
         check_run(binary, bundle, rt, x, path, ms, tmp_path, metric="p99")
 
 
+def test_equal_accuracy_goes_to_the_faster_config_not_the_bigger_one(binary, bundle, images, tmp_path):
+    x, path = images
+    rt = sc.Runtime(bundle, backend="aoti", threads=1, preload=False)
+    with open(os.path.join(bundle, "results.txt"), "w") as f:
+        f.writelines(json.dumps({"cfg_id": c, "acc1": 80.0}) + "\n" for c in rt.config_ids)
+    import_results(bundle, os.path.join(bundle, "results.txt"))
+    rt = sc.Runtime(bundle, backend="aoti", threads=1, preload=False)
+    fastest = rt.choice(lut_latencies(bundle)[0]).id
+    assert {check_run(binary, bundle, rt, x, path, ms, tmp_path) for ms in lut_latencies(bundle) + [1e6]} == {fastest}
+
+
 def test_threads_and_options_do_not_change_the_logits(binary, exported, runtime, images, tmp_path):
     _, root = exported
     x, path = images
@@ -180,7 +191,7 @@ def test_a_budget_no_config_fits_is_one_line(binary, exported, images):
     assert f"at {fastest:.3f} ms" in line
     one_line_error(*run(binary, root, "--budget-ms", "-3", "--input", images[1]), "budget")
     one_line_error(*run(binary, root, "--budget-ms", 10, "--input", images[1], "--batch-lut", 8),
-                   "no entries for batch 8")
+                   "no entries for batch 8", "or pass --batch-lut 1")
     one_line_error(*run(binary, root, "--budget-ms", 10, "--input", images[1], "--metric", "p95"), "p95")
     one_line_error(*run(binary, root, "--budget-ms", 10, "--input", images[1], "--frobnicate"), "--frobnicate")
 

@@ -382,14 +382,15 @@ struct Choice {
 };
 
 // The rule of stitch_compile/runtime/select.py: among the configs whose latency fits the budget, a
-// config with a known accuracy outranks one without; then higher accuracy, then more FLOPs. Ties
-// go to the faster config, then the lower id.
+// config with a known accuracy outranks one without; then higher accuracy (more FLOPs when neither
+// has one). Ties go to the faster config, then the lower id: equal accuracy never looks at FLOPs.
 Choice select_config(const Lut& lut, const Manifest& m, const Options& opt) {
   J latency = J{lut.doc, lut.path, ""}["latency"];
   const std::string batch = std::to_string(opt.batch_lut);
   if (!latency.has(batch))
     fail(lut.path + ": no entries for batch " + batch + " (measured: " + join(latency.keys()) +
-         "); run bench with --batch " + batch);
+         "); run bench with --batch " + batch +
+         (latency.keys().empty() ? "" : ", or pass --batch-lut " + latency.keys().front()));
   J rows = latency[batch];
   std::vector<Choice> by_latency;
   for (const auto& key : rows.keys()) {
@@ -409,7 +410,7 @@ Choice select_config(const Lut& lut, const Manifest& m, const Options& opt) {
   auto outranks = [&](const Choice& a, const Choice& b) {
     const Config &x = m.configs.at(a.id), &y = m.configs.at(b.id);
     if (x.accuracy.has_value() != y.accuracy.has_value()) return x.accuracy.has_value();
-    if (x.accuracy && *x.accuracy != *y.accuracy) return *x.accuracy > *y.accuracy;
+    if (x.accuracy) return *x.accuracy > *y.accuracy;
     return x.flops > y.flops;
   };
   const Choice* best = nullptr;  // fastest first, so only a strictly better config replaces it
