@@ -317,9 +317,13 @@ def demo(out: str, fast: bool, quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    debug = "--debug" in args
+    if debug:  # a group option, accepted after the command too ('inspect x.pth --debug')
+        args.remove("--debug")
+        args.insert(0, "--debug")
     try:
-        cli.main(args=argv, prog_name="stitch-compile", standalone_mode=False)
+        cli.main(args=args, prog_name="stitch-compile", standalone_mode=False)
     except StitchError as exc:
         if debug:
             raise

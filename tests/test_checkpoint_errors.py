@@ -223,9 +223,11 @@ def test_bad_anchors_cli(cli, good, anchors, match):
     refused(cli, good, "--anchors", anchors, match=r"good\.pth: " + match)
 
 
-def test_debug_keeps_the_exception(tmp_path):
+@pytest.mark.parametrize("where", ["before", "after"])  # before or after the command, as users type it
+def test_debug_keeps_the_exception(tmp_path, where):
+    args = ["inspect", str(tmp_path / "nope.pth")]
     with pytest.raises(StitchError, match="no such file"):
-        main(["--debug", "inspect", str(tmp_path / "nope.pth")])
+        main(["--debug", *args] if where == "before" else [*args, "--debug"])
 
 
 def _save_with_fake_yacs(path, extra=None):
