@@ -12,8 +12,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
-import tempfile
+import signal
+import threading
 import uuid
 from dataclasses import dataclass
 from importlib import resources
@@ -175,13 +177,80 @@ def read_json(path: str):
             raise ValueError("nested too deeply") from None
 
 
+_LEFTOVER = re.compile(r"\.(?P<target>.+)\.(?P<kind>tmp|partial|old)-(?P<pid>[0-9]+)-[0-9a-f]{12}")
+
+
+def _sibling(path: str, kind: str) -> str:
+    """A temporary name beside ``path`` naming its writer's pid, so that what a killed writer left
+    is recognised (and cleared) later: ``.<name>.<kind>-<pid>-<random>``."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process there; never guess
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def leftover(name: str) -> str | None:
+    """The target of ``name`` if it is a temporary file or folder left by a writer that died
+    (SIGKILL, power loss); None for anything else, a live writer's included."""
+    m = _LEFTOVER.fullmatch(name)
+    return m["target"] if m and not _alive(int(m["pid"])) else None
+
+
+def clear_leftovers(folder: str, target: str) -> None:
+    """Remove what dead writers of ``folder/target`` left there. A bundle moved aside for the final
+    swap of an export that was killed between its two renames goes back in place first."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if leftover(name) != target:
+                continue
+            path, out = os.path.join(folder, name), os.path.join(folder, target)
+            with contextlib.suppress(OSError):
+                moved = os.path.join(path, "bundle")
+                if name.startswith(f".{target}.old-") and os.path.isdir(moved) and not os.path.lexists(out):
+                    os.replace(moved, out)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+
+
+@contextlib.contextmanager
+def held_signals():
+    """Hold Ctrl-C and SIGTERM over steps that must not be split (the two renames that swap a
+    bundle into place), then deliver them. Only the main thread receives signals in Python."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in caught:
+            signal.raise_signal(s)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, binary: bool = False):
     """Yield a new file beside ``path`` that replaces it once written: a failed or interrupted write
     never leaves a truncated file, nor destroys the one already there. A symlinked ``path`` keeps
     its link (the file it points to is replaced). Not mkstemp: its 0600 would outlive the rename."""
     path = os.path.realpath(path)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    clear_leftovers(*os.path.split(path))
+    tmp = _sibling(path, "tmp")
     try:
         with open(tmp, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8"})) as f:
             yield f
@@ -219,24 +288,31 @@ def check_replaceable(out: str) -> None:
     if not (isinstance(tool, dict) and tool.get("name") == "stitch-compile" and isinstance(manifest.get("files"), dict)):
         raise StitchError(f"{out}: exists and is not a bundle; choose an empty or new --out folder")
     own = {MANIFEST, *(d.rstrip("/") for d in UNHASHED_DIRS), *(rel.split("/")[0] for rel in manifest["files"])}
-    foreign = sorted(entries - own)
+    foreign = sorted(e for e in entries - own if leftover(e) is None)  # a dead writer's temporaries go too
     if foreign:
         raise StitchError(f"{out}: holds {foreign[0]} ({len(foreign)} entries the bundle does not list); export "
                           "replaces the whole folder, so move them out or choose another --out")
+
+
+def recover(out: str) -> str:
+    """Clear what a killed export left beside the bundle folder ``out`` (putting back a bundle it
+    had moved aside); return ``out`` resolved (a symlinked ``out`` means the folder it points to)."""
+    out = os.path.realpath(out.rstrip("/\\"))
+    clear_leftovers(*os.path.split(out))
+    return out
 
 
 @contextlib.contextmanager
 def staging(out: str):
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` in two renames (a
     symlinked ``out`` keeps its link: the folder it points to is replaced)."""
-    out = os.path.realpath(out.rstrip("/\\"))
+    out = recover(out)
     parent = os.path.dirname(out)
     check_replaceable(out)
     try:
         os.makedirs(parent, exist_ok=True)
-        # not mkdtemp: its 0700 would become the bundle's mode; this one follows the umask
-        tmp = os.path.join(parent, f".{os.path.basename(out)}.partial-{uuid.uuid4().hex[:12]}")
-        os.mkdir(tmp)
+        tmp = _sibling(out, "partial")
+        os.mkdir(tmp)  # not mkdtemp: its 0700 would become the bundle's mode; this follows the umask
     except OSError as e:
         raise StitchError(f"{out}: cannot create a bundle folder there ({e.strerror or e})") from None
     try:
@@ -244,10 +320,11 @@ def staging(out: str):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-        os.replace(out, os.path.join(old, "bundle"))
-    os.replace(tmp, out)
+    old = _sibling(out, "old") if os.path.exists(out) else None
+    with held_signals():  # an interrupt between the renames would leave no bundle at out
+        if old:
+            os.mkdir(old)
+            os.replace(out, os.path.join(old, "bundle"))
+        os.replace(tmp, out)
     if old:
         shutil.rmtree(old, ignore_errors=True)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -316,14 +318,28 @@ def demo(out: str, fast: bool, quiet: bool) -> None:
     run_demo(out, fast=fast, quiet=quiet, echo=click.echo)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so cleanup (``finally``) runs as it does for Ctrl-C;
+    Python's default would exit at once and leave temporary files and folders behind."""
+
+
+def _terminate(_signum, _frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(argv if argv is not None else sys.argv[1:])
     debug = "--debug" in args
     if debug:  # a group option, accepted after the command too ('inspect x.pth --debug')
         args.remove("--debug")
         args.insert(0, "--debug")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         cli.main(args=args, prog_name="stitch-compile", standalone_mode=False)
+    except Terminated:
+        click.echo("terminated", err=True)
+        sys.exit(128 + signal.SIGTERM)
     except StitchError as exc:
         if debug:
             raise
@@ -335,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:  # usage errors (missing argument, a folder ...): one line too
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(2)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,20 @@ def test_demo_refuses_a_folder_of_user_files_before_training(cli, tmp_path, plan
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_demo_out_may_hold_what_a_killed_demo_left_but_not_a_running_one(tmp_path):
+    from stitch_compile import StitchError
+    from stitch_compile.demo.pipeline import check_out
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    (tmp_path / f".snnet_digits.pth.tmp-{proc.pid}-{'a' * 12}").write_bytes(b"PK")
+    (tmp_path / f".bundle.partial-{proc.pid}-{'b' * 12}").mkdir()
+    check_out(str(tmp_path))  # the writers are dead: their leftovers are cleared on the way
+    (tmp_path / f".pareto.png.tmp-{os.getpid()}-{'c' * 12}").write_bytes(b"")
+    with pytest.raises(StitchError, match="holds .pareto.png.tmp-"):
+        check_out(str(tmp_path))
+
+
 def test_demo_out_may_not_be_a_file(cli, tmp_path):
     (tmp_path / "f").write_text("mine")
     code, _, err = cli("demo", "--fast", "--quiet", "--out", tmp_path / "f")

@@ -6,8 +6,10 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnx
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 import stitch_compile as sc
-from stitch_compile.bundle import load_bundle, sha256_file
+from stitch_compile.bundle import held_signals, load_bundle, sha256_file
 from cli_runner import run_cli
 from stitch_compile.export import export
 from stitch_compile.export.targets import KNOWN, unavailable_reason
@@ -286,6 +288,61 @@ def test_interrupted_export_never_leaves_a_bundle_that_looks_whole(v1_ckpt, tmp_
         proc.kill()
         proc.wait()
     assert not out.exists() or load_bundle(str(out), check_hashes=True)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sigterm_during_export_cleans_up_and_keeps_the_bundle(v1_ckpt, tmp_path):
+    """SIGTERM (a service stopped, a CI timeout) cleans up as Ctrl-C does: no partial folder left."""
+    out = tmp_path / "b"
+    assert run_cli("export", v1_ckpt[0], "--out", out, "--configs", "0", "--targets", "onnx", "--quiet") == 0
+    before = (out / "manifest.json").read_bytes()
+    proc = subprocess.Popen([sys.executable, "-m", "stitch_compile.cli", "export", str(v1_ckpt[0]), "--out", str(out),
+                             "--quiet"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(n.startswith(".b.partial-") for n in os.listdir(tmp_path)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.splitlines() == ["terminated"], err
+    assert os.listdir(tmp_path) == ["b"] and (out / "manifest.json").read_bytes() == before
+    load_bundle(str(out), check_hashes=True)
+
+
+def test_the_next_export_clears_what_a_killed_one_left(v1_ckpt, tmp_path, capsys):
+    """SIGKILL or a power loss right after the old bundle was moved aside for the swap: the next
+    export puts it back (and reuses it) and clears the dead writer's folders; a live one's stay."""
+    out = tmp_path / "b"
+    assert run_cli("export", v1_ckpt[0], "--out", out, "--configs", "0", "--targets", "onnx", "--quiet") == 0
+    before = (out / "manifest.json").read_bytes()
+    dead = _dead_pid()
+    aside = tmp_path / f".b.old-{dead}-{'a' * 12}"
+    aside.mkdir()
+    os.replace(out, aside / "bundle")
+    (tmp_path / f".b.partial-{dead}-{'b' * 12}" / "onnx").mkdir(parents=True)
+    live = tmp_path / f".b.partial-{os.getpid()}-{'c' * 12}"  # an export still running
+    live.mkdir()
+    assert run_cli("export", v1_ckpt[0], "--out", out, "--configs", "0", "--targets", "onnx", "--quiet") == 0
+    assert "up to date" in capsys.readouterr().err and (out / "manifest.json").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == sorted(["b", live.name])
+    (out / f".manifest.json.tmp-{dead}-{'d' * 12}").write_text("{")  # a dead accuracy's temporary file
+    assert run_cli("export", v1_ckpt[0], "--out", out, "--configs", "3", "--targets", "onnx", "--quiet") == 0
+    assert f".manifest.json.tmp-{dead}-{'d' * 12}" not in os.listdir(out)
+
+
+def test_held_signals_deliver_ctrl_c_after_the_block():
+    previous, done = signal.getsignal(signal.SIGINT), []
+    with pytest.raises(KeyboardInterrupt):
+        with held_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # Python runs handlers between bytecodes: here, were it not held
+            done.append(True)
+    assert done == [True] and signal.getsignal(signal.SIGINT) is previous
 
 
 def test_targets_all_builds_what_this_machine_can_and_skips_the_rest(v1_ckpt, tmp_path, capsys):

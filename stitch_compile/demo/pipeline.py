@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from ..bench import bench
-from ..bundle import check_replaceable
+from ..bundle import check_replaceable, leftover
 from ..errors import StitchError
 from ..accuracy import store_accuracy
 from ..export import export
@@ -39,7 +39,9 @@ def check_out(out: str) -> None:
         raise StitchError(f"--out {out}: exists and is not a folder; choose a new or empty folder")
     if not os.path.isdir(out):
         return
-    foreign = sorted(set(os.listdir(out)) - {CHECKPOINT, BUNDLE, PLOT})
+    # what a killed demo's writers left is cleared when the outputs are written again
+    outputs = {CHECKPOINT, BUNDLE, PLOT}
+    foreign = sorted(n for n in set(os.listdir(out)) - outputs if leftover(n) not in outputs)
     for name, ours in ((CHECKPOINT, starts_with_zip_magic), (PLOT, is_png)):  # a torch zip, a PNG
         path = os.path.join(out, name)
         if os.path.exists(path) and not ours(path):

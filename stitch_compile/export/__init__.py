@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..bundle import SCHEMA_VERSION, Bundle, list_files, load_bundle, sha256_file, staging, write_json
+from ..bundle import (SCHEMA_VERSION, Bundle, list_files, load_bundle, recover, sha256_file, staging,
+                      write_json)
 from ..errors import StitchError
 from ..model.network import StitchableNet
 from ..hardware import torch_device
@@ -65,6 +66,7 @@ def export(net: StitchableNet, out: str, targets="onnx", configs="all", opset: i
     if "aoti" not in build and (device != "cpu" or jobs is not None):
         report("--device and --jobs apply to the aoti target only; ignored")
     aoti_key = build_key(torch_device(device)) if "aoti" in build else None
+    recover(out)
     reused = _up_to_date(out, key, build, trt_options, aoti_key)
     if reused is not None:
         report(f"{out}: up to date ({', '.join(build)}); nothing to do")
