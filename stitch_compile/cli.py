@@ -233,10 +233,20 @@ def bench_command(bundle: str, batches: str, runs: int, warmup: int,
     """Measure every config of BUNDLE on this device; write lut/<device key>.json."""
     from .bench import bench, summary
 
-    lut = bench(_runtime(bundle), batches=_ints(batches, "--batch"), runs=runs,
+    rt = _runtime(bundle)
+    try:
+        earlier = set(rt.lut.batches)
+    except StitchError:  # none yet, or one that could not be read: nothing to lose
+        earlier = set()
+    lut = bench(rt, batches=_ints(batches, "--batch"), runs=runs,
                 warmup=warmup, configs=configs, predict=predict, quiet=quiet)
     for line in summary(lut):
         click.echo(line)
+    dropped = sorted(earlier - set(lut.batches))
+    if dropped:
+        click.echo(f"note: this replaced the table measured earlier at batch {', '.join(map(str, dropped))}; a "
+                   f"bench writes the device's whole table, so name every batch size in one run "
+                   f"(--batch {','.join(map(str, sorted(earlier | set(lut.batches))))})", err=True)
 
 
 @cli.command("select")

@@ -197,6 +197,8 @@ def test_bench_writes_a_valid_lut(cli, bundle):
             assert 0 < e["p50_ms"] <= e["p90_ms"] <= e["p99_ms"] and e["throughput"] > 0 and e["predicted"] is False
     assert f"wrote {os.path.join(bundle, 'lut', lut['device_key'] + '.json')}" in out
     assert load_bundle(str(bundle), check_hashes=True)  # a LUT does not disturb the bundle's integrity
+    code, _, err = cli("bench", bundle, "--runs", 1, "--warmup", 0, "--configs", "0", "--quiet")
+    assert code == 0 and "replaced the table measured earlier at batch 2" in err and "(--batch 1,2)" in err, err
 
 
 def test_a_runtime_selects_from_the_table_its_bench_wrote(bundle):
@@ -209,6 +211,14 @@ def test_a_runtime_selects_from_the_table_its_bench_wrote(bundle):
     assert rt.select(budget_ms=1e6, batch=2) in (0, 3)
     with pytest.raises(sc.StitchError, match="no entries for batch 1"):
         rt.select(budget_ms=100)
+
+
+def test_bench_refuses_to_write_into_a_bundle_exported_again_meanwhile(bundle, v1_net):
+    rt = sc.Runtime(str(bundle))
+    export(v1_net, str(bundle), targets="onnx", configs=[0, 3])  # another process's export, say
+    with pytest.raises(sc.StitchError, match="exported again while this bench ran"):
+        bench(rt, batches=(1,), runs=1, warmup=0, configs="0,3")
+    assert not os.path.exists(bundle / "lut")
 
 
 def test_bench_predict_flags_predicted_entries_and_reports_the_error(cli, bundle):
