@@ -213,6 +213,24 @@ def test_a_runtime_selects_from_the_table_its_bench_wrote(bundle):
         rt.select(budget_ms=100)
 
 
+def test_a_re_export_keeps_accuracy_and_the_tables_of_the_same_graphs(v1_net, tmp_path):
+    """Adding a target keeps both; other configs keep only accuracy, which hours of eval bought."""
+    out, said = str(tmp_path / "b"), []
+    export(v1_net, out, targets="onnx", configs=[0, 3, 20])
+    write_lut(out, latency={0: 2.0, 3: 3.0, 20: 5.0})
+    set_accuracy(out, {0: 70.0, 20: 79.5})
+    os.remove(os.path.join(out, "results.txt"))
+    export(v1_net, out, targets="onnx,ort", configs=[0, 3, 20], report=said.append)
+    rt = sc.Runtime(out, preload=False)
+    assert "ort" in rt.bundle.manifest["targets"] and rt.select(budget_ms=10) == 20
+    assert said == [f"{out}: kept top-1 of 2 configs and 1 latency tables from the bundle it replaces"]
+    export(v1_net, out, targets="onnx", configs=[0, 3, 45])
+    bundle = load_bundle(out)
+    assert {c: e.get("accuracy") for c, e in bundle.configs.items()} == {0: 70.0, 3: None, 45: None}
+    assert bundle.manifest["accuracy"]["source"] == "imported from results.txt"
+    assert not os.path.exists(os.path.join(out, "lut"))  # measured on other graphs
+
+
 def test_bench_refuses_to_write_into_a_bundle_exported_again_meanwhile(bundle, v1_net):
     rt = sc.Runtime(str(bundle))
     export(v1_net, str(bundle), targets="onnx", configs=[0, 3])  # another process's export, say

@@ -23,6 +23,7 @@ from ..model.network import StitchableNet
 from ..hardware import torch_device
 from . import targets as target_registry
 from .aoti_target import build_aoti, build_key, check_aoti, keep_aoti_builds
+from .carry import keep_measurements
 from .compose import compose_config, file_key, prepare_segment, standalone_segment
 from .fp16 import FP16_WEIGHTS, fp16_graphs
 from .ort_target import optimize
@@ -99,6 +100,7 @@ def export(net: StitchableNet, out: str, targets="onnx", configs="all", opset: i
             parity["targets"][name] = checked[graphs]
         if "aoti" in build:
             keep_aoti_builds(out, tmp, key, manifest, parity, report)
+        keep_measurements(out, tmp, key, manifest, report)
         write_json(os.path.join(tmp, "parity.json"), parity)
         manifest.update(source=source, reuse_key=key, files=list_files(tmp))
         write_json(os.path.join(tmp, "manifest.json"), manifest)
