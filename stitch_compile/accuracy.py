@@ -19,7 +19,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from .bundle import MANIFEST, Bundle, load_bundle, write_json
+from .bundle import MANIFEST, Bundle, load_bundle, same_export, write_json
 from .errors import StitchError, first_line
 from .images import is_image, load_image, unreadable_folder
 from .runtime import Runtime
@@ -58,7 +58,7 @@ def read_results(path: str, bundle: Bundle) -> dict[int, float]:
 
 def store_accuracy(bundle: Bundle, accuracy: dict[int, float], source: str) -> Bundle:
     """Rewrite manifest.json with ``accuracy`` merged in; other configs keep theirs."""
-    manifest = copy.deepcopy(bundle.manifest)
+    manifest = copy.deepcopy(same_export(bundle, "accuracy").manifest)  # as on disk now
     for config in manifest["configs"]:
         if config["id"] in accuracy:
             config["accuracy"] = round(accuracy[config["id"]], 4)

@@ -136,6 +136,20 @@ def load_bundle(root: str, check_hashes: bool = False) -> Bundle:
     return bundle
 
 
+def same_export(bundle: Bundle, command: str) -> Bundle:
+    """The bundle now at ``bundle.root``, refused if it is no longer the export ``bundle`` was
+    read from: a command that measured the one it loaded must not write into another."""
+    try:
+        current = load_bundle(bundle.root)
+    except StitchError:
+        current = None
+    export = ("source", "reuse_key")
+    if current is None or [current.manifest.get(k) for k in export] != [bundle.manifest.get(k) for k in export]:
+        raise StitchError(f"{bundle.root}: the bundle was exported again while {command} ran, so what it measured "
+                          f"would not describe it; run {command} again")
+    return current
+
+
 def _check_configs(manifest: dict, manifest_path: str) -> None:
     """What the schema cannot say: config ids are unique and routes name listed segments."""
     seen = set()
@@ -177,7 +191,7 @@ def read_json(path: str):
             raise ValueError("nested too deeply") from None
 
 
-_LEFTOVER = re.compile(r"\.(?P<target>.+)\.(?P<kind>tmp|partial|old)-(?P<pid>[0-9]+)-[0-9a-f]{12}")
+_LEFTOVER = re.compile(r"\.(?P<target>.+)\.(?P<kind>tmp|partial|old)-(?P<pid>[1-9][0-9]{0,9})-[0-9a-f]{12}")
 
 
 def _sibling(path: str, kind: str) -> str:
@@ -192,7 +206,7 @@ def _alive(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no pid is that large
         return False
     except OSError:  # another user's process
         return True
@@ -214,11 +228,13 @@ def clear_leftovers(folder: str, target: str) -> None:
             if leftover(name) != target:
                 continue
             path, out = os.path.join(folder, name), os.path.join(folder, target)
+            real_folder = os.path.isdir(path) and not os.path.islink(path)  # a link is removed, never followed
             with contextlib.suppress(OSError):
                 moved = os.path.join(path, "bundle")
-                if name.startswith(f".{target}.old-") and os.path.isdir(moved) and not os.path.lexists(out):
+                if (name.startswith(f".{target}.old-") and real_folder and os.path.isdir(moved)
+                        and not os.path.islink(moved) and not os.path.lexists(out)):
                     os.replace(moved, out)
-                if os.path.isdir(path) and not os.path.islink(path):
+                if real_folder:
                     shutil.rmtree(path)
                 else:
                     os.unlink(path)
@@ -232,9 +248,10 @@ def held_signals():
         yield
         return
     caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {}
     try:
+        for s in (signal.SIGINT, signal.SIGTERM):  # one at a time: a signal between them restores the first
+            previous[s] = signal.signal(s, lambda signum, _frame: caught.append(signum))
         yield
     finally:
         for s, handler in previous.items():
@@ -258,7 +275,7 @@ def atomic_file(path: str, binary: bool = False):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone (renamed), or never created (a read-only folder)
             os.unlink(tmp)
 
 
@@ -298,6 +315,8 @@ def recover(out: str) -> str:
     """Clear what a killed export left beside the bundle folder ``out`` (putting back a bundle it
     had moved aside); return ``out`` resolved (a symlinked ``out`` means the folder it points to)."""
     out = os.path.realpath(out.rstrip("/\\"))
+    if os.path.islink(out):  # realpath stops at a loop of links
+        raise StitchError(f"{out}: a loop of symbolic links; choose a folder for --out")
     clear_leftovers(*os.path.split(out))
     return out
 
@@ -321,10 +340,18 @@ def staging(out: str):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = _sibling(out, "old") if os.path.exists(out) else None
-    with held_signals():  # an interrupt between the renames would leave no bundle at out
-        if old:
-            os.mkdir(old)
-            os.replace(out, os.path.join(old, "bundle"))
-        os.replace(tmp, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        with held_signals():  # an interrupt between the renames would leave no bundle at out
+            if old:
+                os.mkdir(old)
+                os.replace(out, os.path.join(old, "bundle"))
+            os.replace(tmp, out)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # the earlier bundle is back in place, or still there
+        if old and os.path.isdir(os.path.join(old, "bundle")) and not os.path.lexists(out):
+            os.replace(os.path.join(old, "bundle"), out)
+        for folder in (tmp, old):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
+        raise StitchError(f"{out}: cannot put the new bundle in place ({e.strerror or e})") from None

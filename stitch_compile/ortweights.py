@@ -97,3 +97,6 @@ class SharedWeights:
         except (DecodeError, *_ORT_ERRORS) as exc:  # a graph that hashes right (manifest edited too) yet is no model
             raise StitchError(f"{graph_path}: ONNX Runtime cannot load it ({first_line(exc)}); "
                               "the bundle is corrupt or tampered, re-export it") from None
+        except OSError as e:  # sessions open on first use: the bundle was replaced or emptied since it was loaded
+            raise StitchError(f"{graph_path}: cannot read it ({e.strerror or e}); the bundle changed while "
+                              "in use, load it again") from None

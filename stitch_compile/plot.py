@@ -52,7 +52,7 @@ def plot(bundle: Bundle, out: str, x: str = "latency", selector: Selector | None
     if os.path.exists(out) and not is_png(out):
         raise StitchError(f"{out}: exists and is not a PNG; plot replaces only an earlier plot")
     pts, x_label, y_label = points(bundle, x, selector)
-    folder = os.path.dirname(os.path.abspath(out))
+    folder = os.path.dirname(os.path.realpath(out))  # through a symlink: where the plot will land
     if not os.path.isdir(folder):
         raise StitchError(f"{out}: folder {folder} does not exist")
     configs = bundle.configs
@@ -81,6 +81,9 @@ def plot(bundle: Bundle, out: str, x: str = "latency", selector: Selector | None
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    with atomic_file(out, binary=True) as f:
-        fig.savefig(f, format="png")
+    try:
+        with atomic_file(out, binary=True) as f:
+            fig.savefig(f, format="png")
+    except OSError as e:  # a read-only folder, a full disk
+        raise StitchError(f"{out}: cannot write the plot ({e.strerror or e})") from None
     return out

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import stitch_compile as sc
+import stitch_compile.bundle as bundle_module
 from stitch_compile.bundle import held_signals, load_bundle, sha256_file
 from cli_runner import run_cli
 from stitch_compile.export import export
@@ -343,6 +344,48 @@ def test_held_signals_deliver_ctrl_c_after_the_block():
             time.sleep(0.05)  # Python runs handlers between bytecodes: here, were it not held
             done.append(True)
     assert done == [True] and signal.getsignal(signal.SIGINT) is previous
+
+
+def test_ctrl_c_held_over_the_swap_arrives_after_it_with_nothing_left_aside(tmp_path, monkeypatch):
+    out, replace = tmp_path / "b", os.replace
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+
+    def replace_then_interrupt(src, dst):  # Ctrl-C right after the old bundle was moved aside
+        replace(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+    monkeypatch.setattr(bundle_module.os, "replace", replace_then_interrupt)
+    monkeypatch.setattr(bundle_module, "check_replaceable", lambda _out: None)
+    with pytest.raises(KeyboardInterrupt):
+        with bundle_module.staging(str(out)) as tmp:
+            open(os.path.join(tmp, "new.txt"), "w").close()
+    assert os.listdir(tmp_path) == ["b"] and os.listdir(out) == ["new.txt"]
+
+
+def test_leftover_names_never_follow_links_nor_crash(tmp_path):
+    """Names shaped like a dead writer's leftovers: a link is removed, never followed (its target
+    stays where it is), and a pid no process can have is simply dead."""
+    victim = tmp_path / "victim"
+    (victim / "bundle").mkdir(parents=True)
+    (victim / "bundle" / "data.txt").write_text("mine")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / f".b.old-{_dead_pid()}-{'a' * 12}").symlink_to(victim)
+    (work / f".p.png.tmp-9999999999-{'b' * 12}").write_text("")
+    (work / f".p.png.tmp-{'9' * 20}-{'c' * 12}").write_text("")  # not a pid at all: left alone
+    bundle_module.clear_leftovers(str(work), "b")
+    bundle_module.clear_leftovers(str(work), "p.png")
+    assert os.listdir(work) == [f".p.png.tmp-{'9' * 20}-{'c' * 12}"]
+    assert (victim / "bundle" / "data.txt").read_text() == "mine"
+
+
+def test_an_out_that_is_a_loop_of_links_is_refused_before_compiling(v1_ckpt, tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert run_cli("export", v1_ckpt[0], "--out", tmp_path / "a", "--configs", "0", "--quiet") == 2
+    assert "a loop of symbolic links" in _one_error_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
 
 
 def test_targets_all_builds_what_this_machine_can_and_skips_the_rest(v1_ckpt, tmp_path, capsys):

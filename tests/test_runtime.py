@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import stitch_compile as sc
-from stitch_compile.accuracy import evaluate, import_results
+from stitch_compile.accuracy import evaluate, import_results, store_accuracy
 from stitch_compile.bench import bench
 from stitch_compile.images import load_image
 from stitch_compile.bundle import load_bundle, sha256_file
@@ -218,12 +218,15 @@ def test_a_re_export_keeps_accuracy_and_the_tables_of_the_same_graphs(v1_net, tm
     out, said = str(tmp_path / "b"), []
     export(v1_net, out, targets="onnx", configs=[0, 3, 20])
     write_lut(out, latency={0: 2.0, 3: 3.0, 20: 5.0})
+    graphs = sc.Runtime(out, preload=False, mode="graphs").device_key  # measured on the onnx graphs ...
+    write_lut(out, latency={0: 2.0, 3: 3.0, 20: 5.0}, key=graphs, device={"backend": "ort", "target": "onnx"})
     set_accuracy(out, {0: 70.0, 20: 79.5})
     os.remove(os.path.join(out, "results.txt"))
     export(v1_net, out, targets="onnx,ort", configs=[0, 3, 20], report=said.append)
     rt = sc.Runtime(out, preload=False)
     assert "ort" in rt.bundle.manifest["targets"] and rt.select(budget_ms=10) == 20
     assert said == [f"{out}: kept top-1 of 2 configs and 1 latency tables from the bundle it replaces"]
+    assert os.listdir(os.path.join(out, "lut")) == [f"{rt.device_key}.json"]  # ... which ort now replaces
     export(v1_net, out, targets="onnx", configs=[0, 3, 45])
     bundle = load_bundle(out)
     assert {c: e.get("accuracy") for c, e in bundle.configs.items()} == {0: 70.0, 3: None, 45: None}
@@ -234,9 +237,13 @@ def test_a_re_export_keeps_accuracy_and_the_tables_of_the_same_graphs(v1_net, tm
 def test_bench_refuses_to_write_into_a_bundle_exported_again_meanwhile(bundle, v1_net):
     rt = sc.Runtime(str(bundle))
     export(v1_net, str(bundle), targets="onnx", configs=[0, 3])  # another process's export, say
-    with pytest.raises(sc.StitchError, match="exported again while this bench ran"):
+    with pytest.raises(sc.StitchError, match="exported again while bench ran"):
         bench(rt, batches=(1,), runs=1, warmup=0, configs="0,3")
     assert not os.path.exists(bundle / "lut")
+    before = (bundle / "manifest.json").read_bytes()  # accuracy measured on the old export, likewise
+    with pytest.raises(sc.StitchError, match="exported again while accuracy ran"):
+        store_accuracy(rt.bundle, {0: 70.0}, "an eval of the export before")
+    assert (bundle / "manifest.json").read_bytes() == before
 
 
 def test_bench_predict_flags_predicted_entries_and_reports_the_error(cli, bundle):
@@ -275,6 +282,16 @@ def test_a_graph_that_hashes_right_but_is_no_model_is_one_error_line(cli, bundle
     (bundle / "manifest.json").write_text(json.dumps(m))
     one_line_error(*cli("bench", bundle, "--configs", "0", "--runs", 1, "--quiet")[::2], "ONNX Runtime cannot load it",
                    "re-export")
+
+
+def test_a_bundle_replaced_under_a_lazy_runtime_is_one_error_line(bundle, images):
+    """Sessions open on first use; a re-export may have removed the graphs since the load."""
+    rt = sc.Runtime(str(bundle), preload=False)
+    for name in os.listdir(bundle / "onnx"):
+        if name.startswith("segment_"):
+            os.remove(bundle / "onnx" / name)
+    with pytest.raises(sc.StitchError, match="the bundle changed while in use, load it again"):
+        rt.run(images, 0)
 
 
 # --- select ----------------------------------------------------------------------------------
@@ -479,6 +496,8 @@ def test_plot_writes_a_png(cli, bundle, tmp_path):
     for x in ("flops", "latency"):
         code, _, err = cli("plot", bundle, "-o", tmp_path / f"{x}.png", "--x", x)
         assert code == 0 and (tmp_path / f"{x}.png").stat().st_size > 1000, err
+    (tmp_path / "link.png").symlink_to(tmp_path / "gone" / "p.png")  # a link into a missing folder
+    one_line_error(*cli("plot", bundle, "-o", tmp_path / "link.png")[::2], "gone does not exist")
 
 
 def test_plot_never_writes_over_the_bundle(cli, bundle):

@@ -100,9 +100,9 @@ def export(net: StitchableNet, out: str, targets="onnx", configs="all", opset: i
             parity["targets"][name] = checked[graphs]
         if "aoti" in build:
             keep_aoti_builds(out, tmp, key, manifest, parity, report)
-        keep_measurements(out, tmp, key, manifest, report)
         write_json(os.path.join(tmp, "parity.json"), parity)
         manifest.update(source=source, reuse_key=key, files=list_files(tmp))
+        keep_measurements(out, tmp, key, manifest, report)  # last: what bench/accuracy wrote meanwhile counts
         write_json(os.path.join(tmp, "manifest.json"), manifest)
     return load_bundle(out)
 

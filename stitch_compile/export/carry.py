@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from ..bundle import MANIFEST, load_bundle
+from ..bundle import MANIFEST, load_bundle, read_json
 from ..errors import StitchError
 
 
@@ -34,9 +34,21 @@ def keep_measurements(out: str, tmp: str, key: dict, manifest: dict, report) -> 
         manifest["accuracy"] = have["accuracy"]
     luts = []
     if have.get("reuse_key") == key and os.path.isdir(old.path("lut")):
-        luts = [n for n in os.listdir(old.path("lut")) if n.endswith(".json") and not n.startswith(".")]
+        luts = [n for n in os.listdir(old.path("lut")) if n.endswith(".json") and not n.startswith(".")
+                and _same_graphs(old.path(f"lut/{n}"), manifest["targets"])]
         os.makedirs(os.path.join(tmp, "lut"), exist_ok=True)
         for name in luts:
             shutil.copy2(old.path(f"lut/{name}"), os.path.join(tmp, "lut", name))
     if kept or luts:
         report(f"{out}: kept top-1 of {len(kept)} configs and {len(luts)} latency tables from the bundle it replaces")
+
+
+def _same_graphs(lut_path: str, targets: dict) -> bool:
+    """Whether the table was measured on graphs this bundle still runs: the ort backend's graphs
+    mode runs the ``ort`` target's graphs where the bundle has them, else ``onnx``'s, so adding
+    the ort target changes what such a table described."""
+    try:
+        measured = read_json(lut_path)["device"].get("target")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return measured not in ("onnx", "ort") or measured == ("ort" if "ort" in targets else "onnx")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import jsonschema
 
-from ..bundle import MANIFEST, Bundle, read_json, write_json
+from ..bundle import Bundle, read_json, same_export, write_json
 from ..errors import StitchError, exact_int
 
 FORMAT, VERSION = "stitch-compile-lut", 1
@@ -108,6 +108,8 @@ def read_lut(bundle: Bundle, device_key: str, fix: str = "") -> Lut:
     except ValueError as exc:  # bad JSON or encoding
         raise StitchError(f"{path}: corrupt latency table ({exc}); "
                           f"re-run 'stitch-compile bench {bundle.root}'") from None
+    except OSError as e:  # unreadable: permissions, a folder under that name
+        raise StitchError(f"{path}: cannot read the latency table ({e.strerror or e})") from None
     return validate(data, bundle, path, device_key)
 
 
@@ -115,14 +117,7 @@ def write_lut(bundle: Bundle, data: dict) -> Lut:
     """Validate, then write atomically (a half-written or invalid table never replaces a good one)."""
     path = bundle.lut_path(data["device_key"])
     lut = validate(data, bundle, path, data["device_key"])
-    try:
-        on_disk = read_json(os.path.join(bundle.root, MANIFEST))
-    except (OSError, ValueError):
-        on_disk = None
-    export = ("source", "reuse_key")
-    if not isinstance(on_disk, dict) or [on_disk.get(k) for k in export] != [bundle.manifest.get(k) for k in export]:
-        raise StitchError(f"{bundle.root}: the bundle was exported again while this bench ran, so its table "
-                          f"would not describe it; re-run 'stitch-compile bench {bundle.root}'")
+    same_export(bundle, "bench")
     try:
         write_json(path, data)
     except OSError as e:  # e.g. lut/ or the table's name taken by something else
