@@ -348,10 +348,12 @@ def staging(out: str):
             os.replace(tmp, out)
             if old:
                 shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:  # the earlier bundle is back in place, or still there
-        if old and os.path.isdir(os.path.join(old, "bundle")) and not os.path.lexists(out):
-            os.replace(os.path.join(old, "bundle"), out)
-        for folder in (tmp, old):
-            if folder:
-                shutil.rmtree(folder, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        moved = os.path.join(old, "bundle") if old else ""
+        if os.path.isdir(moved) and not os.path.lexists(out):
+            with contextlib.suppress(OSError):
+                os.replace(moved, out)  # the earlier bundle back in place
+        if old and not os.path.isdir(moved):  # else it holds the only copy, which recover() puts back later
+            shutil.rmtree(old, ignore_errors=True)
         raise StitchError(f"{out}: cannot put the new bundle in place ({e.strerror or e})") from None
