@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -361,6 +362,24 @@ def test_ctrl_c_held_over_the_swap_arrives_after_it_with_nothing_left_aside(tmp_
         with bundle_module.staging(str(out)) as tmp:
             open(os.path.join(tmp, "new.txt"), "w").close()
     assert os.listdir(tmp_path) == ["b"] and os.listdir(out) == ["new.txt"]
+
+
+def test_a_swap_that_fails_midway_puts_the_old_bundle_back(tmp_path, monkeypatch):
+    out, replace, calls = tmp_path / "b", os.replace, []
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+
+    def second_fails(src, dst):  # the old bundle moved aside, then the new one cannot move in
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        replace(src, dst)
+    monkeypatch.setattr(bundle_module.os, "replace", second_fails)
+    monkeypatch.setattr(bundle_module, "check_replaceable", lambda _out: None)
+    with pytest.raises(sc.StitchError, match="cannot put the new bundle in place"):
+        with bundle_module.staging(str(out)) as tmp:
+            open(os.path.join(tmp, "new.txt"), "w").close()
+    assert len(calls) == 3 and os.listdir(tmp_path) == ["b"] and os.listdir(out) == ["old.txt"]
 
 
 def test_leftover_names_never_follow_links_nor_crash(tmp_path):
