@@ -58,7 +58,7 @@ def read_results(path: str, bundle: Bundle) -> dict[int, float]:
 
 def store_accuracy(bundle: Bundle, accuracy: dict[int, float], source: str) -> Bundle:
     """Rewrite manifest.json with ``accuracy`` merged in; other configs keep theirs."""
-    manifest = copy.deepcopy(same_export(bundle, "accuracy").manifest)  # as on disk now
+    manifest = copy.deepcopy(same_export(bundle, "accuracy", graphs=False).manifest)  # as on disk now
     for config in manifest["configs"]:
         if config["id"] in accuracy:
             config["accuracy"] = round(accuracy[config["id"]], 4)

@@ -136,15 +136,20 @@ def load_bundle(root: str, check_hashes: bool = False) -> Bundle:
     return bundle
 
 
-def same_export(bundle: Bundle, command: str) -> Bundle:
-    """The bundle now at ``bundle.root``, refused if it is no longer the export ``bundle`` was
-    read from: a command that measured the one it loaded must not write into another."""
+def same_export(bundle: Bundle, command: str, graphs: bool) -> Bundle:
+    """The bundle now at ``bundle.root``, refused if a re-export since ``bundle`` was read changed
+    what ``command`` measured: the checkpoint for top-1 accuracy; with ``graphs``, for latency,
+    also the compiled graphs (tool, opset, configs) and the targets a runtime picks from."""
+    def measured(manifest: dict) -> list:
+        what = [manifest.get("source")]
+        if graphs or not (manifest.get("source") or {}).get("sha256"):  # no checkpoint hash to go by
+            what.append(manifest.get("reuse_key"))
+        return what + [sorted(manifest.get("targets", {}))] if graphs else what
     try:
         current = load_bundle(bundle.root)
     except StitchError:
         current = None
-    export = ("source", "reuse_key")
-    if current is None or [current.manifest.get(k) for k in export] != [bundle.manifest.get(k) for k in export]:
+    if current is None or measured(current.manifest) != measured(bundle.manifest):
         raise StitchError(f"{bundle.root}: the bundle was exported again while {command} ran, so what it measured "
                           f"would not describe it; run {command} again")
     return current
@@ -340,20 +345,28 @@ def staging(out: str):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = _sibling(out, "old") if os.path.exists(out) else None
-    try:
-        with held_signals():  # an interrupt between the renames would leave no bundle at out
+    with held_signals():  # an interrupt between the renames (or in the rollback) would leave no bundle at out
+        try:
             if old:
                 os.mkdir(old)
                 os.replace(out, os.path.join(old, "bundle"))
             os.replace(tmp, out)
             if old:
                 shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        moved = os.path.join(old, "bundle") if old else ""
-        if os.path.isdir(moved) and not os.path.lexists(out):
-            with contextlib.suppress(OSError):
-                os.replace(moved, out)  # the earlier bundle back in place
-        if old and not os.path.isdir(moved):  # else it holds the only copy, which recover() puts back later
-            shutil.rmtree(old, ignore_errors=True)
-        raise StitchError(f"{out}: cannot put the new bundle in place ({e.strerror or e})") from None
+        except OSError as e:
+            _roll_back(out, tmp, old, e)
+
+
+def _roll_back(out: str, tmp: str, old: str | None, error: OSError):
+    """After a failed swap: the earlier bundle back at ``out``, the new one gone, one error line."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    moved = os.path.join(old, "bundle") if old else ""
+    if os.path.isdir(moved) and not os.path.lexists(out):
+        with contextlib.suppress(OSError):
+            os.replace(moved, out)
+    if os.path.isdir(moved):  # the put-back failed: the only copy stays for recover() to put back
+        raise StitchError(f"{out}: cannot put the new bundle in place ({error.strerror or error}); the earlier "
+                          f"bundle is in {moved}, and the next export puts it back")
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+    raise StitchError(f"{out}: cannot put the new bundle in place ({error.strerror or error})")

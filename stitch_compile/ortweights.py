@@ -36,6 +36,7 @@ class SharedWeights:
     def __init__(self, folder: str):
         self.folder = folder
         self._maps: dict[str, np.memmap] = {}
+        self._identity: dict[str, tuple] = {}  # location -> (device, inode) of the file mapped
         self._values: dict[tuple, ort.OrtValue] = {}
         self._arrays: dict[tuple, np.ndarray] = {}  # keeps the views that OrtValues point into alive
         self._lock = threading.Lock()
@@ -47,7 +48,17 @@ class SharedWeights:
                 raise StitchError(f"{self.folder}: a graph names missing weight file {location!r}; "
                                   f"the bundle is incomplete")
             self._maps[location] = np.memmap(path, dtype=np.uint8, mode="r")
+            self._identity[location] = _identity(path)
         return self._maps[location]
+
+    def _check_unchanged(self, graph_path: str) -> None:
+        """A graph opened after its bundle was exported again would read its offsets in the old,
+        still-mapped weights: wrong logits with no error. Refuse instead."""
+        with self._lock:
+            changed = [loc for loc, ident in self._identity.items() if _identity(inside(self.folder, loc)) != ident]
+        if changed:
+            raise StitchError(f"{graph_path}: the bundle changed while in use ({changed[0]} was replaced); "
+                              "load it again")
 
     def value(self, tensor: onnx.TensorProto) -> ort.OrtValue:
         """OrtValue viewing ``tensor``'s bytes in the mapped file (one per distinct slot)."""
@@ -88,6 +99,7 @@ class SharedWeights:
                 providers: list[str] | None = None) -> ort.InferenceSession:
         """An InferenceSession for ``graph_path`` whose external weights come from the shared maps."""
         options = options or ort.SessionOptions()
+        self._check_unchanged(graph_path)
         try:
             model = onnx.load(graph_path, load_external_data=False)
             for tensor in model.graph.initializer:
@@ -100,3 +112,11 @@ class SharedWeights:
         except OSError as e:  # sessions open on first use: the bundle was replaced or emptied since it was loaded
             raise StitchError(f"{graph_path}: cannot read it ({e.strerror or e}); the bundle changed while "
                               "in use, load it again") from None
+
+
+def _identity(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

@@ -364,7 +364,9 @@ def test_ctrl_c_held_over_the_swap_arrives_after_it_with_nothing_left_aside(tmp_
     assert os.listdir(tmp_path) == ["b"] and os.listdir(out) == ["new.txt"]
 
 
-def test_a_swap_that_fails_midway_puts_the_old_bundle_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_a_swap_that_fails_midway_puts_the_old_bundle_back(tmp_path, monkeypatch, interrupted):
+    """Even with a Ctrl-C arriving in the middle: the roll-back is held like the swap."""
     out, replace, calls = tmp_path / "b", os.replace, []
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -372,11 +374,14 @@ def test_a_swap_that_fails_midway_puts_the_old_bundle_back(tmp_path, monkeypatch
     def second_fails(src, dst):  # the old bundle moved aside, then the new one cannot move in
         calls.append(dst)
         if len(calls) == 2:
+            if interrupted:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         replace(src, dst)
     monkeypatch.setattr(bundle_module.os, "replace", second_fails)
     monkeypatch.setattr(bundle_module, "check_replaceable", lambda _out: None)
-    with pytest.raises(sc.StitchError, match="cannot put the new bundle in place"):
+    with pytest.raises(KeyboardInterrupt if interrupted else sc.StitchError):
         with bundle_module.staging(str(out)) as tmp:
             open(os.path.join(tmp, "new.txt"), "w").close()
     assert len(calls) == 3 and os.listdir(tmp_path) == ["b"] and os.listdir(out) == ["old.txt"]

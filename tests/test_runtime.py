@@ -222,7 +222,11 @@ def test_a_re_export_keeps_accuracy_and_the_tables_of_the_same_graphs(v1_net, tm
     write_lut(out, latency={0: 2.0, 3: 3.0, 20: 5.0}, key=graphs, device={"backend": "ort", "target": "onnx"})
     set_accuracy(out, {0: 70.0, 20: 79.5})
     os.remove(os.path.join(out, "results.txt"))
+    os.mkfifo(os.path.join(out, "lut", "pipe.json"))  # never read: it would block
+    measuring = sc.Runtime(out, preload=False, mode="graphs")  # a bench of the onnx graphs, still running
     export(v1_net, out, targets="onnx,ort", configs=[0, 3, 20], report=said.append)
+    with pytest.raises(sc.StitchError, match="exported again while bench ran"):  # graphs mode now runs ort's
+        bench(measuring, batches=(1,), runs=1, warmup=0, configs="0")
     rt = sc.Runtime(out, preload=False)
     assert "ort" in rt.bundle.manifest["targets"] and rt.select(budget_ms=10) == 20
     assert said == [f"{out}: kept top-1 of 2 configs and 1 latency tables from the bundle it replaces"]
@@ -240,7 +244,12 @@ def test_bench_refuses_to_write_into_a_bundle_exported_again_meanwhile(bundle, v
     with pytest.raises(sc.StitchError, match="exported again while bench ran"):
         bench(rt, batches=(1,), runs=1, warmup=0, configs="0,3")
     assert not os.path.exists(bundle / "lut")
-    before = (bundle / "manifest.json").read_bytes()  # accuracy measured on the old export, likewise
+    store_accuracy(rt.bundle, {0: 70.0, 1: 75.0}, "an eval of the export before")  # same checkpoint: still true
+    assert {c: e.get("accuracy") for c, e in load_bundle(str(bundle)).configs.items()} == {0: 70.0, 3: None}
+    manifest = json.loads((bundle / "manifest.json").read_text())  # as if exported from another checkpoint
+    manifest["source"]["sha256"] = "0" * 64
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    before = (bundle / "manifest.json").read_bytes()
     with pytest.raises(sc.StitchError, match="exported again while accuracy ran"):
         store_accuracy(rt.bundle, {0: 70.0}, "an eval of the export before")
     assert (bundle / "manifest.json").read_bytes() == before
@@ -292,6 +301,16 @@ def test_a_bundle_replaced_under_a_lazy_runtime_is_one_error_line(bundle, images
             os.remove(bundle / "onnx" / name)
     with pytest.raises(sc.StitchError, match="the bundle changed while in use, load it again"):
         rt.run(images, 0)
+
+
+def test_graphs_opened_after_a_re_export_never_read_the_old_weights(bundle, v1_net, images, reference):
+    """The new graphs' offsets point into the new weights.bin, not the one this runtime mapped."""
+    for mode in ("segments", "graphs"):
+        rt = sc.Runtime(str(bundle), preload=False, mode=mode)
+        assert rel_err(rt.run(images, 0), reference[0]) < 1e-4  # maps the weights
+        export(v1_net, str(bundle), targets="onnx,ort", configs=[0, 20] if mode == "segments" else [0, 20, 45])
+        with pytest.raises(sc.StitchError, match=r"the bundle changed while in use \(weights.*was replaced\)"):
+            rt.run(images, 20)
 
 
 # --- select ----------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ def keep_measurements(out: str, tmp: str, key: dict, manifest: dict, report) -> 
     luts = []
     if have.get("reuse_key") == key and os.path.isdir(old.path("lut")):
         luts = [n for n in os.listdir(old.path("lut")) if n.endswith(".json") and not n.startswith(".")
+                and os.path.isfile(old.path(f"lut/{n}"))  # a pipe would block the read
                 and _same_graphs(old.path(f"lut/{n}"), manifest["targets"])]
         os.makedirs(os.path.join(tmp, "lut"), exist_ok=True)
         for name in luts:

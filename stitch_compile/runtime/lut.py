@@ -117,7 +117,7 @@ def write_lut(bundle: Bundle, data: dict) -> Lut:
     """Validate, then write atomically (a half-written or invalid table never replaces a good one)."""
     path = bundle.lut_path(data["device_key"])
     lut = validate(data, bundle, path, data["device_key"])
-    same_export(bundle, "bench")
+    same_export(bundle, "bench", graphs=True)
     try:
         write_json(path, data)
     except OSError as e:  # e.g. lut/ or the table's name taken by something else
