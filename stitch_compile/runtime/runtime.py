@@ -90,16 +90,16 @@ class Runtime:
         another thread count (the demo measures 1 thread), which --threads selects at once."""
         fix = (f"run 'stitch-compile bench {self.bundle.root} --device {self.backend.device} --threads {self.threads}"
                f"{self.backend.cli_flags}' on this machine first")
-        have = set(available(self.bundle))
+        have, hardware = set(available(self.bundle)), self.backend.hardware()
         for t in range(1, (os.cpu_count() or 1) + 1):
-            if device_key(self.backend.device, self.backend.hardware(), self.backend.engine, t,
-                          self.backend.precision) in have:
+            if device_key(self.backend.device, hardware, self.backend.engine, t, self.backend.precision) in have:
                 return f"{fix}, or pass --threads {t} to use the table already measured with it"
         return fix
 
     def selector(self, metric: str = "p50", batch: int = 1) -> Selector:
         """The selection table for one latency metric and batch size (built once)."""
-        key = (metric, exact_int(batch))  # batch True would share batch 1's cached table
+        # a plain int as is (the switch's hot path); True would share batch 1's cached table
+        key = (metric, batch if type(batch) is int else exact_int(batch))
         selector = self._selectors.get(key)
         if selector is None:
             with self._lock:
