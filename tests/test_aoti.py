@@ -8,16 +8,22 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 
 import stitch_compile
 from snnet_reference import write_v1
 from stitch_compile.aotiweights import build_key
 from stitch_compile.bundle import sha256_file
+from stitch_compile.cli import Terminated, _terminate
+from stitch_compile.export.aoti_target import _compile_in_workers
+from stitch_compile.errors import StitchError
 from stitch_compile.hardware import torch_device
 from stitch_compile.runtime import Runtime
 
@@ -296,3 +302,63 @@ def test_parallel_compile_workers_build_the_same_bundle(tiny, tmp_path):
     x = images()
     with torch.no_grad():
         assert all(rel_err(rt.run(x, cid), net(torch.from_numpy(x), cid).numpy()) < 1e-4 for cid in rt.config_ids)
+
+
+def _compile_blocked_workers(work: dict, stop) -> tuple[BaseException | None, bool]:
+    """Run ``_compile_in_workers`` on ``work``, where programs named 'fifo*' are FIFOs that block
+    their worker's read; ``stop()`` runs once those workers exist. What it raised, and whether a
+    watchdog had to kill the blocked workers after two minutes (a parent that waits for its
+    workers fails the test instead of hanging it)."""
+    fifos = [program for program, _ in work.values() if os.path.basename(program).startswith("fifo")]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+
+    def workers() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read()
+                found += [int(pid) for fifo in fifos if fifo.encode() in cmdline]
+        return found
+
+    rescued, done = threading.Event(), threading.Event()
+
+    def watch():
+        while len(workers()) < len(fifos) and not done.is_set():
+            time.sleep(0.05)
+        stop()
+        if not done.wait(120):
+            rescued.set()
+            for pid in workers():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+    caught = None
+    try:
+        _compile_in_workers(work, jobs=len(work), bar=tqdm(disable=True))
+    except (StitchError, Terminated) as exc:
+        caught = exc
+    done.set()
+    assert not workers(), "a worker outlived the compile"
+    return caught, rescued.is_set()
+
+
+def test_interrupted_parallel_compile_kills_its_workers(tmp_path):
+    """SIGTERM to the CLI (Ctrl-C alike) stops the running compiles at once instead of waiting
+    minutes for them: the workers never see the parent's SIGTERM."""
+    work = {f"a{i}": (str(tmp_path / f"fifo{i}"), str(tmp_path / f"a{i}.pt2")) for i in range(2)}
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        caught, rescued = _compile_blocked_workers(work, stop=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert isinstance(caught, Terminated) and not rescued
+
+
+def test_a_failed_parallel_compile_stops_the_others(tmp_path):
+    work = {"bad": (str(tmp_path / "missing.ep.pt2"), str(tmp_path / "bad.pt2")),
+            "slow": (str(tmp_path / "fifo"), str(tmp_path / "slow.pt2"))}
+    caught, rescued = _compile_blocked_workers(work, stop=lambda: None)
+    assert isinstance(caught, StitchError) and "compiling a segment failed" in str(caught) and not rescued

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -166,20 +167,47 @@ def compile_packages(work: dict[str, tuple], jobs: int | None, quiet: bool) -> d
             saved = {arch: os.path.join(tmp, f"{arch}.ep.pt2") for arch in work}
             for arch, (program, _) in work.items():  # torch.export.save is not thread-safe
                 torch.export.save(program, saved[arch])
+            return _compile_in_workers({arch: (saved[arch], path) for arch, (_, path) in work.items()}, jobs, bar)
 
-            def compile_in_worker(arch: str) -> set[str]:
-                path = work[arch][1]
-                env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"}  # the pool is the parallelism
-                done = subprocess.run([sys.executable, "-m", "stitch_compile.export.aoti_worker", saved[arch], path],
-                                      capture_output=True, text=True, env=env)
-                if done.returncode != 0:
-                    why = (done.stderr.strip().splitlines() or ["the worker died"])[-1]
-                    raise StitchError(f"aoti: compiling a segment failed: {why}")
-                bar.update()
-                return set(json.loads(done.stdout.strip().splitlines()[-1]))
 
-            with ThreadPoolExecutor(jobs) as pool:
-                return dict(zip(work, pool.map(compile_in_worker, work)))
+def _compile_in_workers(work: dict[str, tuple[str, str]], jobs: int, bar) -> dict[str, set[str]]:
+    """Compile {arch: (saved program, package path)} in ``jobs`` worker processes at once.
+
+    If anything stops the parent (Ctrl-C, SIGTERM, a failed compile), the running workers are
+    killed at once: a compile takes minutes, and a SIGTERM sent to the parent alone never reaches them.
+    """
+    running, lock, stopping = set(), threading.Lock(), threading.Event()
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"}  # the pool is the parallelism
+
+    def compile_in_worker(arch: str) -> set[str]:
+        with lock:
+            if stopping.is_set():
+                raise StitchError("aoti: compile stopped")
+            proc = subprocess.Popen([sys.executable, "-m", "stitch_compile.export.aoti_worker", *work[arch]],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            running.add(proc)
+        try:
+            out, err = proc.communicate()
+        finally:
+            with lock:
+                running.discard(proc)
+        if proc.returncode != 0:
+            why = (err.strip().splitlines() or ["the worker died"])[-1]
+            raise StitchError(f"aoti: compiling a segment failed: {why}")
+        bar.update()
+        return set(json.loads(out.strip().splitlines()[-1]))
+
+    pool = ThreadPoolExecutor(jobs)
+    try:
+        return dict(zip(work, pool.map(compile_in_worker, work)))
+    except BaseException:
+        with lock:
+            stopping.set()
+            for proc in running:
+                proc.kill()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def compile_program(program, path: str) -> set[str]:
