@@ -11,13 +11,15 @@ runs at each batch size in three ways, back to back so they see the same conditi
 Inputs are already on the GPU; each call ends with a stream synchronisation; the median of
 ``--runs`` calls is reported, with ratios to eager (above 1: faster than eager) and each output's
 relative error against eager. On the GPU it also prints the device memory that loading every
-config takes, against the unique weight bytes. ``--device cpu`` runs eager vs aoti on the CPU
+config takes, and what running every batch added (in graphs mode: the captured graphs and their
+static inputs), against the unique weight bytes. ``--device cpu`` runs eager vs aoti on the CPU
 (no graphs).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -48,6 +50,20 @@ def median_ms(fn, x, warmup: int, runs: int, sync) -> float:
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+def gpu_memory(device) -> tuple[int, int]:
+    """(bytes torch's allocator holds, bytes in use on the whole device): the second also counts
+    what AOTInductor allocates outside torch's allocator, and code and context memory."""
+    free, total = torch.cuda.mem_get_info(device)
+    return torch.cuda.memory_allocated(device), total - free
+
+
+def report_memory(what: str, device, before: tuple[int, int], unique: int) -> dict:
+    allocated, used = (now - then for now, then in zip(gpu_memory(device), before))
+    print(f"{what}: +{allocated / 1e6:.1f} MB allocated by torch = {allocated / unique:.3f} x the "
+          f"{unique / 1e6:.1f} MB of unique weights; +{used / 1e6:.1f} MB in use on the device", flush=True)
+    return {"allocated_bytes": allocated, "device_bytes": used}
 
 
 def main() -> int:
@@ -88,12 +104,11 @@ def main() -> int:
     table, resident = [], {}
     unique = load_bundle(bundle).manifest["weights"]["unique_bytes"]
     for mode in modes:
-        before = torch.cuda.memory_allocated(device) if cuda else 0
+        before = gpu_memory(device) if cuda else None
         rt = Runtime(bundle, device=args.device, backend="aoti", cuda_graphs=mode == "graphs")  # every config loaded
         if cuda:  # the one-copy claim on the GPU: every config resident for about the unique weights
-            resident[mode] = torch.cuda.memory_allocated(device) - before
-            print(f"{mode}: {len(rt.config_ids)} configs resident in {resident[mode] / 1e6:.1f} MB of GPU memory "
-                  f"= {resident[mode] / unique:.3f} x the {unique / 1e6:.1f} MB of unique weights", flush=True)
+            resident[mode] = {"loaded": report_memory(f"{mode}: {len(rt.config_ids)} configs loaded",
+                                                      device, before, unique)}
         routes = {c["id"]: c["route"] for c in rt.bundle.manifest["configs"]}
         try:
             for batch in [int(b) for b in args.batch.split(",")]:
@@ -119,6 +134,10 @@ def main() -> int:
         except Exception as e:  # report the mode that cannot run here; what was measured stays
             print(f"{mode}: failed, stopped: {str(e).splitlines()[0][:200]}", flush=True)
             break
+        if cuda:  # what running added: activations, and in graphs mode the captured graphs and their inputs
+            resident[mode]["after_runs"] = report_memory(f"{mode}: after every batch", device, before, unique)
+        del rt, runner  # the next mode's baseline holds none of this one
+        gc.collect()
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"device": what, "torch": torch.__version__, "runs": args.runs, "unique_weight_bytes": unique,
