@@ -146,13 +146,27 @@ class AotiPackages:
             raise self._tampered(f"segment {key!r}: {str(e).splitlines()[0][:160]}") from None
         return loader
 
-    def chain(self, route: list[str]) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A config as the chain of its route's packages: device tensor in, device tensor out."""
-        loaders = [self.segment(key) for key in route]
+    def chain(self, route: list[str], shapes: list, out_shape=None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A config as the chain of its route's packages: device tensor in, device tensor out.
+
+        ``shapes``: each segment's per-sample input shape; ``out_shape``: the last one's output,
+        if known. A package reads whatever buffer it is given as the shape it was traced with, so
+        a route whose segments do not fit (a tampered manifest) must stop here, not read past it.
+        """
+        steps = [(key, self.segment(key), tuple(shape)) for key, shape in zip(route, shapes, strict=True)]
+        out_shape = None if out_shape is None else tuple(out_shape)
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            for loader in loaders:  # a package reads its input as contiguous, but may return another layout
-                x = loader.run([x.contiguous()])[0]
+            for key, loader, shape in steps:
+                if x.shape[1:] != shape:
+                    raise self._misfit(f"segment {key!r}", shape, x.shape)
+                x = loader.run([x.contiguous()])[0]  # read as contiguous; may return another layout
+            if out_shape is not None and x.shape[1:] != out_shape:
+                raise self._misfit("the output", out_shape, x.shape)
             return x
 
         return run
+
+    def _misfit(self, where: str, want: tuple, got) -> StitchError:
+        return self._tampered(f"{where} takes [batch, {', '.join(map(str, want))}] but gets "
+                              f"[{', '.join(map(str, got))}]")

@@ -82,6 +82,25 @@ class Bundle:
         self.config(config_id)
         return self.path(targets[target]["graphs"][str(config_id)])
 
+    def check_route(self, config_id: int, io) -> None:
+        """Refuse a route whose segments do not fit one another (a tampered manifest); ``io(key)``
+        gives the segment graph's (input shape, output shape), batch first. A dimension that is
+        not an int (unknown to shape inference) fits anything."""
+        def fits(a: list, b: list) -> bool:
+            return len(a) == len(b) and all(x == y or not (type(x) is type(y) is int) for x, y in zip(a, b))
+
+        def dims(shape) -> str:
+            return ", ".join("?" if type(d) is not int else str(d) for d in shape)
+
+        gives = self.manifest["input"]["shape"][1:]
+        for key in [*self.config(config_id)["route"], None]:
+            takes, out = (self.manifest["output"]["shape"], None) if key is None else io(key)
+            if not fits(gives, takes[1:]):
+                where = "the output" if key is None else f"segment {key!r}"
+                raise StitchError(f"{self.root}: config {config_id}: {where} takes [batch, {dims(takes[1:])}] but "
+                                  f"gets [batch, {dims(gives)}]; the bundle is tampered")
+            gives = out and out[1:]
+
     def holds(self, path: str) -> bool:
         """Whether ``path`` is one of the bundle's own files: its manifest, a listed file or a LUT."""
         rel = os.path.relpath(os.path.realpath(path), os.path.realpath(self.root)).replace(os.sep, "/")

@@ -213,6 +213,19 @@ def test_tampered_constants_are_one_error_line(cli, bundle, change, needle):
     assert not (bundle / "lut").exists()
 
 
+def test_a_route_whose_segments_do_not_fit_is_refused_before_a_package_reads_it(bundle):
+    """A package reads any buffer as the shape it was traced with: a tampered route must stop in
+    the chain, not read out of bounds (the ONNX Runtime backend refuses it when loading)."""
+    m = manifest(bundle)
+    config = next(c for c in m["configs"] if any(key.startswith("stitch:") for key in c["route"]))
+    config["route"] = [key for key in config["route"] if not key.startswith("stitch:")]
+    with open(bundle / "manifest.json", "w", encoding="utf-8") as f:
+        json.dump(m, f)
+    rt = Runtime(str(bundle), backend="aoti", threads=1)
+    with pytest.raises(StitchError, match=r"segment 'block:1:.*' takes \[batch, .*\] but gets \[3, "):
+        rt.run(images(), config["id"])
+
+
 def test_batches_beyond_the_exported_range_are_refused(bundle):
     m = manifest(bundle)
     key, _ = the_build(m)

@@ -492,6 +492,44 @@ def test_verify_refuses_manifest_edits_the_schema_allows(copied_bundle, capsys, 
         assert needle in _one_error_line(capsys)
 
 
+def _edit_manifest(bundle_dir, edit) -> dict:
+    path = bundle_dir / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+    return m
+
+
+def _unstitched(m: dict) -> dict:
+    """A stitched config whose route loses its stitching layer: the next anchor's block then gets
+    the previous anchor's width."""
+    config = next(c for c in m["configs"] if any(key.startswith("stitch:") for key in c["route"]))
+    config["route"] = [key for key in config["route"] if not key.startswith("stitch:")]
+    return config
+
+
+def test_routes_whose_segments_do_not_fit_are_refused(copied_bundle, capsys):
+    """The manifest is not hashed. Such a route would fail mid-run in ONNX Runtime (and make an
+    AOTInductor package read out of bounds): verify and the runtime refuse it, naming it."""
+    edited = {}
+    _edit_manifest(copied_bundle, lambda m: edited.update(_unstitched(m)))
+    assert run_cli("verify", copied_bundle) == 2
+    line = _one_error_line(capsys)
+    assert f"config {edited['id']}: segment 'block:" in line and "tampered" in line, line
+    with pytest.raises(sc.StitchError, match=f"config {edited['id']}: segment 'block:.* but gets"):
+        sc.Runtime(str(copied_bundle))
+
+
+def test_verify_with_the_checkpoint_refuses_routes_swapped_between_configs(copied_bundle, v1_ckpt, capsys):
+    """Swapped routes still fit and every file still hashes right: only the checkpoint can say
+    which route each config id runs (parity runs the checkpoint's routes, the runtime the manifest's)."""
+    def swap(m):
+        m["configs"][0]["route"], m["configs"][1]["route"] = m["configs"][1]["route"], m["configs"][0]["route"]
+    _edit_manifest(copied_bundle, swap)
+    assert run_cli("verify", copied_bundle, "--checkpoint", v1_ckpt[0], "--quiet") == 2
+    assert "config 0 runs another route than the checkpoint's" in _one_error_line(capsys)
+
+
 @pytest.mark.parametrize("accuracy, needle", [("NaN", "corrupt manifest (NaN is not a JSON number"),
                                               ("101.5", "invalid manifest at configs/3/accuracy")])
 def test_load_refuses_accuracy_that_is_no_percentage(copied_bundle, capsys, accuracy, needle):

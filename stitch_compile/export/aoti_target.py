@@ -231,7 +231,8 @@ def check_aoti(ref: Reference, root: str, key: str, build: dict, ids: list[int],
     packages = AotiPackages(root, key, build, dev)
     results = {}
     for cid in tqdm(ids, desc=f"parity aoti {key}", disable=quiet, file=sys.stderr):
-        chain = packages.chain(list(ref.net.configs[cid].route))
+        route = ref.net.configs[cid].route
+        chain = packages.chain(route, [ref.net.segments[key].in_shape for key in route])
 
         def run(x: np.ndarray, chain=chain) -> np.ndarray:
             return chain(torch.from_numpy(x).to(dev)).cpu().numpy()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from ..bundle import load_bundle, read_json, sha256_file
+import functools
+
+import onnx
+
+from ..bundle import Bundle, load_bundle, read_json, sha256_file
 from ..errors import StitchError
 from ..model.network import StitchableNet
 from ..hardware import torch_device
@@ -21,6 +25,10 @@ def verify_bundle(root: str, net: StitchableNet | None = None, quiet: bool = Tru
         recorded = read_json(bundle.path("parity.json"))
     except ValueError as exc:  # it hashes right, so the manifest was edited to match
         raise StitchError(f"{root}: corrupt parity.json ({exc}); the bundle is tampered, re-export it") from None
+    io = _segment_io(bundle)
+    for cid in bundle.configs:
+        bundle.check_route(cid, io)
+    lines.append(f"routes: the segments of all {len(m['configs'])} configs fit one another")
     ids = {str(c["id"]) for c in m["configs"]}
     for name, target in _parity_targets(m):
         entries = recorded.get("targets", {}).get(name, {})
@@ -34,6 +42,11 @@ def verify_bundle(root: str, net: StitchableNet | None = None, quiet: bool = Tru
         source = m["source"]["sha256"]
         if source and getattr(net, "source_path", None) and sha256_file(net.source_path) != source:
             raise StitchError(f"{root}: the checkpoint given is not the one this bundle was exported from (sha256 differs)")
+        for c in m["configs"]:  # parity runs the checkpoint's routes; the runtime runs the manifest's
+            if c["id"] not in net.configs or list(net.configs[c["id"]].route) != c["route"]:
+                raise StitchError(f"{root}: config {c['id']} runs another route than the checkpoint's config "
+                                  f"{c['id']}; the bundle is tampered")
+        lines.append(f"routes: all {len(m['configs'])} configs run the checkpoint's routes")
         ref = Reference(net)
         for name, target in _parity_targets(m):
             if name.startswith("aoti:"):
@@ -47,6 +60,16 @@ def verify_bundle(root: str, net: StitchableNet | None = None, quiet: bool = Tru
             lines.append(f"{name}: parity re-run on fresh inputs, worst relative error "
                          f"{max(worst_rel(e) for e in fresh.values()):.2e}")
     return lines
+
+
+def _segment_io(bundle: Bundle):
+    """key -> (input shape, output shape) of the segment's ONNX graph, read without its weights."""
+    def io(key: str) -> tuple[list, list]:
+        model = onnx.load(bundle.path(bundle.manifest["segments"][key]["file"]), load_external_data=False)
+        graph = onnx.shape_inference.infer_shapes(model).graph  # the exporter leaves some outputs symbolic
+        return tuple([d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+                     for v in (graph.input[0], graph.output[0]))
+    return functools.cache(io)
 
 
 def _parity_targets(manifest: dict):

@@ -70,17 +70,18 @@ class AotiBackend(Backend):
         return torch.from_numpy(x).to(self.torch_device)
 
     def segment_runner(self, key: str) -> Runner:
-        return self._runner([key])
+        return self._runner([key], out_shape=None)
 
     def config_runner(self, config_id: int) -> Runner:
-        return self._runner(list(self.bundle.config(config_id)["route"]))
+        return self._runner(list(self.bundle.config(config_id)["route"]), self.bundle.manifest["output"]["shape"][1:])
 
-    def _runner(self, route: list[str]) -> Runner:
+    def _runner(self, route: list[str], out_shape) -> Runner:
         device, cuda = self.torch_device, self.torch_device.type == "cuda"
-        run = self.packages.chain(route)
+        shapes = [self.bundle.manifest["segments"][key]["in_shape"] for key in route]
+        run = self.packages.chain(route, shapes, out_shape)
         if self.cuda_graphs:
             run = _Graphed(run, device)
-        sample = tuple(self.bundle.manifest["segments"][route[0]]["in_shape"])
+        sample = tuple(shapes[0])
 
         def runner(x):
             # AOTInductor reads whatever buffer it is given as the traced shape, strides and dtype

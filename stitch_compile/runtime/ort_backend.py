@@ -122,7 +122,10 @@ class OrtBackend(Backend):
             graph = self.bundle.graph(self.target, config_id)
             session = self.weights.session(graph, self._options(optimize=self.target != "ort"))
             return lambda x: session.run(["logits"], {"image": x})[0]
-        chain = [self._segment(key) for key in self.bundle.config(config_id)["route"]]
+        route = self.bundle.config(config_id)["route"]
+        chain = [self._segment(key) for key in route]
+        io = dict(zip(route, ((s.get_inputs()[0].shape, s.get_outputs()[0].shape) for s in chain)))
+        self.bundle.check_route(config_id, io.__getitem__)  # here, not as ORT's error at every run
 
         def run(x):
             value = ort.OrtValue.ortvalue_from_numpy(x)
