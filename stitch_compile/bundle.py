@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
@@ -301,6 +302,20 @@ def atomic_file(path: str, binary: bool = False):
     finally:
         with contextlib.suppress(OSError):  # gone (renamed), or never created (a read-only folder)
             os.unlink(tmp)
+
+
+def check_writable(path: str) -> None:
+    """One error line now when ``path`` (its folder made if missing) could not be written: before
+    a measurement of minutes, not after it."""
+    folder = os.path.dirname(os.path.realpath(path))
+    while not os.path.isdir(folder):
+        if os.path.lexists(folder):
+            raise StitchError(f"cannot write {path}: {folder} is not a folder")
+        folder = os.path.dirname(folder)
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise StitchError(f"cannot write {path} ({e.strerror or e}); make {folder} a writable folder") from None
 
 
 def write_json(path: str, obj) -> None:

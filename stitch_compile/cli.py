@@ -17,7 +17,7 @@ import click
 
 from . import __version__, save_checkpoint, stitch
 from .errors import StitchError
-from .bundle import MANIFEST, load_bundle
+from .bundle import MANIFEST, check_writable, load_bundle
 from .model import describe_route, load, pareto_frontier
 from .model.lsinit import read_anchor, read_calibration_images
 
@@ -294,6 +294,7 @@ def accuracy_command(bundle: str, results: str | None, folder: str | None, batch
         click.echo(f"{bundle}: top-1 of {len(found)} configs imported from {results} into manifest.json")
         return
     rt = _runtime(bundle, preload=True)
+    check_writable(os.path.join(rt.bundle.root, MANIFEST))
     top1 = evaluate(rt, folder, batch=batch, normalize=not no_normalize, crop_pct=crop_pct, quiet=quiet)
     store_accuracy(rt.bundle, top1, f"measured on {os.path.abspath(folder)} ({rt.device_key})")
     for cid, acc in top1.items():

@@ -277,9 +277,13 @@ def test_bench_bad_arguments_are_one_line_errors(cli, bundle):
     one_line_error(*cli("bench", bundle, "--batch", "4097", "--runs", 1)[::2], "batch sizes must be 1 to 4096")
     one_line_error(*cli("bench", bundle, "--threads", os.cpu_count() + 1)[::2], f"expected 1 to {os.cpu_count()}")
     assert not os.path.exists(os.path.join(bundle, "lut"))
-    (bundle / "lut").write_text("not a folder")
-    one_line_error(*cli("bench", bundle, "--configs", "0", "--runs", 1, "--quiet")[::2], "cannot write the latency table")
+    (bundle / "lut").write_text("not a folder")  # refused before measuring: the error names the folder
+    one_line_error(*cli("bench", bundle, "--configs", "0", "--runs", 1, "--quiet")[::2], "lut is not a folder")
     assert (bundle / "lut").read_text() == "not a folder"
+    (bundle / "lut").unlink()
+    (bundle / "lut").mkdir()
+    (bundle / "lut" / f"{sc.Runtime(str(bundle)).device_key}.json").mkdir()  # the table's own name taken
+    one_line_error(*cli("bench", bundle, "--configs", "0", "--runs", 1, "--quiet")[::2], "cannot write the latency table")
 
 
 def test_a_graph_that_hashes_right_but_is_no_model_is_one_error_line(cli, bundle):

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
+from ..bundle import check_writable
 from ..errors import StitchError
 from ..runtime import Runtime
 from ..runtime.lut import FORMAT, VERSION, Lut, write_lut
@@ -52,6 +53,7 @@ def bench(runtime: Runtime, batches=(1,), runs: int = 50, warmup: int = 10, conf
     batches = sorted({int(b) for b in batches})
     if not batches or batches[0] < 1 or batches[-1] > MAX_BATCH or runs < 1 or warmup < 0:
         raise StitchError(f"bench: batch sizes must be 1 to {MAX_BATCH}, --runs positive, --warmup not negative")
+    check_writable(runtime.bundle.lut_path(runtime.device_key))
     manifest = runtime.bundle.manifest
     routes = {c["id"]: c["route"] for c in manifest["configs"]}
     chosen = parse_ids(runtime, configs)

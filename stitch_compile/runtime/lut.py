@@ -120,9 +120,8 @@ def write_lut(bundle: Bundle, data: dict) -> Lut:
     same_export(bundle, "bench", graphs=True)
     try:
         write_json(path, data)
-    except OSError as e:  # e.g. lut/ or the table's name taken by something else
-        raise StitchError(f"{path}: cannot write the latency table ({e.strerror or e}); "
-                          f"make {os.path.dirname(path)} a writable folder") from None
+    except OSError as e:  # e.g. the table's name taken by a folder (bench checked the folder first)
+        raise StitchError(f"{path}: cannot write the latency table ({e.strerror or e})") from None
     return lut
 
 
