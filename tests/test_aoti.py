@@ -226,6 +226,25 @@ def test_a_route_whose_segments_do_not_fit_is_refused_before_a_package_reads_it(
         rt.run(images(), config["id"])
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_runtimes_with_other_thread_counts_share_a_process(tiny):
+    """torch's thread count (AOTInductor's CPU kernels use it) is per-process state: each runtime
+    sets its own for its runs only, so a later runtime does not change an earlier one's, nor the
+    caller's torch."""
+    from stitch_compile.runtime.aoti_backend import _with_threads
+    net, root = tiny
+    before = torch.get_num_threads()
+    runtimes = {t: Runtime(str(root / "bundle"), backend="aoti", threads=t) for t in (2, 1)}
+    assert torch.get_num_threads() == before
+    seen = [_with_threads(lambda _: torch.get_num_threads(), t)(None) for t in (1, 2)]
+    assert seen == [1, 2] and torch.get_num_threads() == before
+    x = images()
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x), 0).numpy()
+    assert all(rel_err(rt.run(x, 0), ref) < 1e-4 for rt in runtimes.values())
+    assert torch.get_num_threads() == before
+
+
 def test_batches_beyond_the_exported_range_are_refused(bundle):
     m = manifest(bundle)
     key, _ = the_build(m)

@@ -20,7 +20,7 @@ import torch
 
 from ..aotiweights import AotiPackages, build_key, torch_minor
 from ..bundle import Bundle
-from ..errors import StitchError
+from ..errors import StitchError, command
 from ..hardware import hardware_model, torch_device
 from .backend import Backend, Runner
 
@@ -37,15 +37,13 @@ class AotiBackend(Backend):
         self.build_key = build_key(self.torch_device)
         if self.build_key not in builds:
             have = ", ".join(builds) or "none"
+            export = command("export", "CHECKPOINT", "--targets", "aoti", "--device", device, "--out", bundle.root)
             raise StitchError(f"{bundle.root}: no AOTInductor build for this device ({self.build_key}; the bundle "
-                              f"has: {have}); run 'stitch-compile export CHECKPOINT --targets aoti --device {device} "
-                              f"--out {bundle.root}' on this machine")
+                              f"has: {have}); run `{export}` on this machine")
         self.max_batch = builds[self.build_key]["max_batch"]
         self.packages = AotiPackages(bundle.root, self.build_key, builds[self.build_key], self.torch_device,
                                      single_threaded=cuda_graphs)  # graph runs are serialised by _Graphed
         self.cuda_graphs = cuda_graphs
-        if self.torch_device.type == "cpu":
-            torch.set_num_threads(threads)  # AOTInductor's CPU kernels use torch's (OpenMP) intra-op pool
 
     @property
     def version(self) -> str:
@@ -81,6 +79,8 @@ class AotiBackend(Backend):
         run = self.packages.chain(route, shapes, out_shape)
         if self.cuda_graphs:
             run = _Graphed(run, device)
+        elif not cuda:
+            run = _with_threads(run, self.threads)
         sample = tuple(shapes[0])
 
         def runner(x):
@@ -102,6 +102,25 @@ class AotiBackend(Backend):
                 return y
 
         return runner
+
+
+def _with_threads(run, threads: int):
+    """``run`` with torch's intra-op thread count, which AOTInductor's CPU kernels use, at
+    ``threads`` in the calling thread, then put back. The count is per-process state of the
+    caller's, and runtimes with other counts may share the process: setting it once, when a
+    runtime is made, ran every earlier runtime with the last one's count (and their tables' keys
+    named another)."""
+    def call(x):
+        previous = torch.get_num_threads()  # the calling thread's OpenMP count
+        if previous == threads:
+            return run(x)
+        torch.set_num_threads(threads)
+        try:
+            return run(x)
+        finally:
+            torch.set_num_threads(previous)
+
+    return call
 
 
 class _Graphed:
