@@ -47,7 +47,11 @@ class SharedWeights:
             if not os.path.isfile(path):
                 raise StitchError(f"{self.folder}: a graph names missing weight file {location!r}; "
                                   f"the bundle is incomplete")
-            self._maps[location] = np.memmap(path, dtype=np.uint8, mode="r")
+            try:
+                self._maps[location] = np.memmap(path, dtype=np.uint8, mode="r")
+            except (OSError, ValueError) as e:  # e.g. emptied after the bundle was loaded
+                raise StitchError(f"{self.folder}: cannot map weight file {location!r} ({first_line(e)}); "
+                                  f"the bundle is damaged") from None
             self._identity[location] = _identity(path)
         return self._maps[location]
 

@@ -307,6 +307,14 @@ def test_a_bundle_replaced_under_a_lazy_runtime_is_one_error_line(bundle, images
         rt.run(images, 0)
 
 
+def test_weights_emptied_under_a_lazy_runtime_are_one_error_line(bundle, images):
+    """Written over in place (not replaced by a rename, as export does) before the first use."""
+    rt = sc.Runtime(str(bundle), preload=False)
+    os.truncate(bundle / "onnx" / "weights.bin", 0)
+    with pytest.raises(sc.StitchError, match="cannot map weight file 'weights.bin'.*the bundle is damaged"):
+        rt.run(images, 0)
+
+
 def test_graphs_opened_after_a_re_export_never_read_the_old_weights(bundle, v1_net, images, reference):
     """The new graphs' offsets point into the new weights.bin, not the one this runtime mapped."""
     for mode in ("segments", "graphs"):
