@@ -23,7 +23,7 @@ from importlib import resources
 
 import jsonschema
 
-from .errors import StitchError, exact_int
+from .errors import StitchError, command, exact_int
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -115,9 +115,9 @@ def load_bundle(root: str, check_hashes: bool = False) -> Bundle:
     """Read and validate ``root``; ``check_hashes`` re-hashes every file (``verify`` does)."""
     manifest_path = os.path.join(root, MANIFEST)
     if not os.path.isdir(root):
-        raise StitchError(f"{root}: no such bundle folder; create one with 'stitch-compile export CHECKPOINT --out {root}'")
+        raise StitchError(f"{root}: no such bundle folder; create one with `{command('export', 'CHECKPOINT', '--out', root)}`")
     if not os.path.isfile(manifest_path):
-        raise StitchError(f"{root}: not a bundle (no {MANIFEST}); create one with 'stitch-compile export'")
+        raise StitchError(f"{root}: not a bundle (no {MANIFEST}); create one with `{command('export')}`")
     try:
         manifest = read_json(manifest_path)
     except ValueError as exc:  # bad JSON or encoding

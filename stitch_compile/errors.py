@@ -7,6 +7,7 @@ bug and keeps its traceback.
 """
 
 import operator
+import shlex
 
 
 class StitchError(Exception):
@@ -28,3 +29,9 @@ def exact_int(value) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def command(*words) -> str:
+    """A stitch-compile command line for a message, each word quoted for the shell where it needs
+    it, so that a bundle path with spaces can be pasted as is. Messages put it in backticks."""
+    return f"stitch-compile {' '.join(shlex.quote(str(w)) for w in words)}"

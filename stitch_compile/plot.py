@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from .bundle import Bundle, atomic_file
-from .errors import StitchError
+from .errors import StitchError, command
 from .model.space import pareto_frontier
 from .runtime.select import Selector
 
@@ -27,7 +27,7 @@ def points(bundle: Bundle, x: str, selector: Selector | None) -> tuple[dict, str
     elif x == "flops":
         if not has_accuracy:
             raise StitchError(f"{bundle.root}: no accuracy in the manifest to plot against GFLOPs; import it with "
-                              f"'stitch-compile accuracy {bundle.root} --from FILE' or plot --x latency")
+                              f"`{command('accuracy', bundle.root, '--from', 'FILE')}` or plot --x latency")
         pts = {cid: (c["flops"] / 1e9, c["accuracy"], False) for cid, c in configs.items() if "accuracy" in c}
         x_label = "GFLOPs"
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -46,7 +47,7 @@ def test_demo_prints_every_config_and_fitting_choices(demo_run):
         assert latency[chosen] <= budget
     assert any(line.startswith("SN-Net effect:") for line in lines)
     suggested = next(line for line in lines if line.startswith("next: "))  # the select it suggests works
-    args = suggested[len("next: stitch-compile "):].split(" (")[0].split()
+    args = shlex.split(suggested[len("next: "):].split(" (")[0])[1:]
     done = subprocess.run([sys.executable, "-m", "stitch_compile.cli", *args], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith(f"config {int(choices[0].split('config ')[1].split(':')[0])}:"), done
 

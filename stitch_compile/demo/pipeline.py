@@ -18,7 +18,7 @@ import numpy as np
 
 from ..bench import bench
 from ..bundle import check_replaceable, leftover
-from ..errors import StitchError
+from ..errors import StitchError, command
 from ..accuracy import store_accuracy
 from ..export import export
 from ..model import describe_route, load
@@ -94,7 +94,7 @@ def run_demo(out: str, fast: bool = False, quiet: bool = False, echo: Callable[[
         echo(f"budget {budget:.3f} ms -> config {choice.id}: {choice.latency_ms:.3f} ms, top-1 {choice.accuracy:.2f}%")
     png = plot(bundle, os.path.join(out, PLOT), selector=selector, title="SN-Net on digits")
     echo(f"wrote {png}; total {time.perf_counter() - started:.0f} s")
-    echo(f"next: stitch-compile select {bundle.root} --budget-ms {budgets[0]:g} --batch {BATCH} --threads 1 "
+    echo(f"next: {command('select', bundle.root, '--budget-ms', f'{budgets[0]:g}', '--batch', BATCH, '--threads', 1)} "
          "(the table this demo measured)")
     return {"bundle": bundle.root, "accuracy": accuracy, "latency": latency, "frontier": sorted(frontier),
             "budgets": {b: runtime.select(b, batch=BATCH) for b in budgets}, "png": png, **summary}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import jsonschema
 
 from ..bundle import Bundle, read_json, same_export, write_json
-from ..errors import StitchError, exact_int
+from ..errors import StitchError, command, exact_int
 
 FORMAT, VERSION = "stitch-compile-lut", 1
 METRICS = ("p50", "p90", "p99")
@@ -71,9 +71,10 @@ class Lut:
         return {int(cid): (e[f"{metric}_ms"], e["predicted"]) for cid, e in rows.items()}
 
 
-def validate(data, bundle: Bundle, path: str, device_key: str) -> Lut:
-    """Check a LUT object against the schema and the bundle; return it as a Lut."""
-    fix = f"re-run 'stitch-compile bench {bundle.root}'"
+def validate(data, bundle: Bundle, path: str, device_key: str, bench: str | None = None) -> Lut:
+    """Check a LUT object against the schema and the bundle; return it as a Lut. ``bench``: the
+    command that measures this table (by default, plain ``bench`` of the bundle)."""
+    fix = f"re-run `{bench or command('bench', bundle.root)}`"
     try:
         jsonschema.validate(data, _SCHEMA)
     except jsonschema.ValidationError as exc:
@@ -95,22 +96,23 @@ def validate(data, bundle: Bundle, path: str, device_key: str) -> Lut:
     return Lut(path, data)
 
 
-def read_lut(bundle: Bundle, device_key: str, fix: str = "") -> Lut:
-    """The validated LUT of ``device_key``; a missing one says ``fix`` (by default: how to measure it)."""
+def read_lut(bundle: Bundle, device_key: str, bench: str | None = None, alternative: str = "") -> Lut:
+    """The validated LUT of ``device_key``. Errors say to run ``bench`` (the command that measures
+    this table; by default, plain ``bench`` of the bundle), a missing table also ``alternative``."""
     path = bundle.lut_path(device_key)
+    bench = bench or command("bench", bundle.root)
     if not os.path.isfile(path):
         have = available(bundle)
-        fix = fix or f"run 'stitch-compile bench {bundle.root}' on this machine first"
         raise StitchError(f"{bundle.root}: no latency table for device {device_key} "
-                          f"({'have: ' + ', '.join(have) if have else 'none measured yet'}); {fix}")
+                          f"({'have: ' + ', '.join(have) if have else 'none measured yet'}); run `{bench}` "
+                          f"on this machine first{alternative}")
     try:
         data = read_json(path)
     except ValueError as exc:  # bad JSON or encoding
-        raise StitchError(f"{path}: corrupt latency table ({exc}); "
-                          f"re-run 'stitch-compile bench {bundle.root}'") from None
+        raise StitchError(f"{path}: corrupt latency table ({exc}); re-run `{bench}`") from None
     except OSError as e:  # unreadable: permissions, a folder under that name
         raise StitchError(f"{path}: cannot read the latency table ({e.strerror or e})") from None
-    return validate(data, bundle, path, device_key)
+    return validate(data, bundle, path, device_key, bench)
 
 
 def write_lut(bundle: Bundle, data: dict) -> Lut:

@@ -17,7 +17,7 @@ import threading
 import numpy as np
 
 from ..bundle import Bundle, load_bundle
-from ..errors import StitchError, exact_int
+from ..errors import StitchError, command, exact_int
 from .backend import Backend, Runner, create_backend, default_backend
 from .device import default_threads, device_key
 from .lut import Lut, available, read_lut
@@ -76,7 +76,7 @@ class Runtime:
     def lut(self) -> Lut:
         """This device's latency table (read and validated once)."""
         if self._lut is None:
-            self._lut = read_lut(self.bundle, self.device_key, self._missing_lut_fix())
+            self._lut = read_lut(self.bundle, self.device_key, self._bench_command(), self._other_threads())
         return self._lut
 
     @lut.setter
@@ -85,16 +85,19 @@ class Runtime:
         with self._lock:
             self._lut, self._selectors = lut, {}
 
-    def _missing_lut_fix(self) -> str:
-        """How to get this device's table; the usual miss is a table of this machine measured with
-        another thread count (the demo measures 1 thread), which --threads selects at once."""
-        fix = (f"run 'stitch-compile bench {self.bundle.root} --device {self.backend.device} --threads {self.threads}"
-               f"{self.backend.cli_flags}' on this machine first")
+    def _bench_command(self) -> str:
+        """The command that measures this runtime's table."""
+        return command("bench", self.bundle.root, "--device", self.backend.device, "--threads", self.threads,
+                       *self.backend.cli_flags.split())
+
+    def _other_threads(self) -> str:
+        """The usual miss is a table of this machine measured with another thread count (the demo
+        measures 1 thread), which --threads selects at once."""
         have, hardware = set(available(self.bundle)), self.backend.hardware()
         for t in range(1, (os.cpu_count() or 1) + 1):
             if device_key(self.backend.device, hardware, self.backend.engine, t, self.backend.precision) in have:
-                return f"{fix}, or pass --threads {t} to use the table already measured with it"
-        return fix
+                return f", or pass --threads {t} to use the table already measured with it"
+        return ""
 
     def selector(self, metric: str = "p50", batch: int = 1) -> Selector:
         """The selection table for one latency metric and batch size (built once)."""
