@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import threading
 from pathlib import Path
@@ -427,7 +428,18 @@ def test_a_tampered_lut_is_one_error_line(cli, bundle, tamper, needle):
     tamper(data)
     with open(path, "w") as f:
         json.dump(data, f)
-    one_line_error(*cli("select", bundle, "--budget-ms", 10)[::2], needle, "stitch-compile bench")
+    threads = sc.Runtime(str(bundle), preload=False).threads  # the fix names the table's own bench
+    one_line_error(*cli("select", bundle, "--budget-ms", 10)[::2], needle,
+                   f"re-run `stitch-compile bench {bundle} --device cpu --threads {threads}`")
+    one_line_error(*cli("verify", bundle)[::2], needle)  # LUTs are not hashed: verify checks them as select does
+
+
+def test_suggested_commands_quote_a_bundle_path_for_the_shell(cli, bundle, tmp_path):
+    spaced = tmp_path / "my models" / "bündle 1"
+    shutil.copytree(bundle, spaced)
+    code, _, err = cli("select", spaced, "--budget-ms", 10)
+    suggested = err.split("`")[1]
+    assert code == 2 and shlex.split(suggested)[:3] == ["stitch-compile", "bench", str(spaced)], err
 
 
 # --- accuracy and plot ---------------------------------------------------------------------
