@@ -15,11 +15,10 @@ import threading
 
 import click
 
-from . import __version__, save_checkpoint, stitch
+from . import __version__
 from .errors import StitchError
 from .bundle import MANIFEST, check_writable, load_bundle
-from .model import describe_route, load, pareto_frontier
-from .model.lsinit import read_anchor, read_calibration_images
+from .model import describe_route, load, pareto_frontier  # light: torch and timm load with a checkpoint
 
 
 @click.group()
@@ -134,6 +133,9 @@ def verify(bundle: str, checkpoint: str | None, anchors: str | None, quiet: bool
 def stitch_command(anchor_files: tuple[str, ...], anchors: str | None, calib: str, out: str, calib_count: int,
                    img_size: int | None, quiet: bool) -> None:
     """Stitch timm ViT checkpoints ANCHOR.pth (smallest first) into an LS-initialised SN-Net v1 checkpoint."""
+    from .model.checkpoint import save_checkpoint
+    from .model.lsinit import read_anchor, read_calibration_images, stitch
+
     say = (lambda _line: None) if quiet else (lambda line: click.echo(line, err=True))
     names = [n.strip() for n in anchors.split(",") if n.strip()] if anchors else None
     if len(anchor_files) < 2:

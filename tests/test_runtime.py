@@ -6,6 +6,8 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -98,6 +100,20 @@ def test_all_configs_resident_over_one_copy_of_each_segment(runtime):
                 info = {e.key: e.value for e in t.external_data}
                 stored.add((info["location"], int(info["offset"])))
     assert len(runtime.backend.weights._values) == len(stored)  # one mapped view per stored tensor
+
+
+def test_running_a_bundle_imports_neither_torch_nor_timm(exported):
+    """They cost a process seconds and hundreds of MB (benchmarks/footprint.py): the ONNX Runtime
+    path, from ``import stitch_compile`` through ``select`` on the command line, needs neither."""
+    code = "\n".join([
+        "import sys, numpy as np, stitch_compile as sc",
+        f"rt = sc.Runtime({str(exported)!r})",
+        "rt.run(np.zeros((1, *rt.input_shape), np.float32), rt.config_ids[-1])",
+        "from stitch_compile.cli import main",
+        "main(['inspect', rt.bundle.root])",
+        "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done
 
 
 def test_many_threads_with_different_configs_get_their_own_outputs(runtime, images, reference):
@@ -306,6 +322,18 @@ def test_a_bundle_replaced_under_a_lazy_runtime_is_one_error_line(bundle, images
             os.remove(bundle / "onnx" / name)
     with pytest.raises(sc.StitchError, match="the bundle changed while in use, load it again"):
         rt.run(images, 0)
+
+
+def test_check_hashes_refuses_a_changed_byte_a_plain_load_cannot_see(bundle, images):
+    path = bundle / "onnx" / "weights.bin"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the sha256 tells
+    path.write_bytes(bytes(data))
+    sc.Runtime(str(bundle), preload=False)
+    with pytest.raises(sc.StitchError, match="weights.bin"):
+        sc.Runtime(str(bundle), preload=False, check_hashes=True)
+    with pytest.raises(sc.StitchError, match="weights.bin"):
+        sc.Runtime(load_bundle(str(bundle)), preload=False, check_hashes=True)
 
 
 def test_weights_emptied_under_a_lazy_runtime_are_one_error_line(bundle, images):

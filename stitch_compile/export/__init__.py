@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import types
 
 import onnx
 import torch
@@ -234,3 +235,14 @@ def _build_tensorrt(root: str, manifest: dict, options: dict, quiet: bool, repor
         return {**entry, **build_engines(*args, quiet)}
     report(f"tensorrt: engines not built here ({reason}); run {entry['build_script']} on the target device")
     return {**entry, "engines": None, "status": f"engines pending: run {entry['build_script']} on the target device"}
+
+
+class _CallableModule(types.ModuleType):
+    """This package, callable as ``export``: ``stitch_compile.export`` is the package itself
+    whenever something imported it (or one of its modules) before the name was first read."""
+
+    def __call__(self, *args, **kwargs) -> Bundle:
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 from ..errors import StitchError
-from .checkpoint import read_state_dict
-from .families import build_network
-from .network import Segment, StitchableNet
 from .space import StitchConfig, StitchSpace, describe_route, pareto_frontier
+
+if TYPE_CHECKING:
+    from .network import StitchableNet
+
+_LAZY = {"read_state_dict": ".checkpoint", "build_network": ".families", "Segment": ".network",
+         "StitchableNet": ".network"}  # torch and timm: imported on first use (runtime and select need none)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)
 
 
 def load(path: str, anchors: list[str] | str | None = None, family: str | None = None) -> StitchableNet:
@@ -15,6 +27,9 @@ def load(path: str, anchors: list[str] | str | None = None, family: str | None =
     ``anchors`` overrides detection with timm model names (``name`` or ``name:key=value:...``),
     given as a list or as one comma-separated string.
     """
+    from .checkpoint import read_state_dict
+    from .families import build_network
+
     state, _ = read_state_dict(path)
     if isinstance(anchors, str):
         anchors = [a for a in anchors.split(",") if a.strip()]
