@@ -390,7 +390,8 @@ def test_interrupted_parallel_compile_kills_its_workers(tmp_path):
 
 
 def test_a_failed_parallel_compile_stops_the_others(tmp_path):
-    work = {"bad": (str(tmp_path / "missing.ep.pt2"), str(tmp_path / "bad.pt2")),
-            "slow": (str(tmp_path / "fifo"), str(tmp_path / "slow.pt2"))}
+    """Whichever compile fails first, however many were started before it."""
+    work = {"slow": (str(tmp_path / "fifo"), str(tmp_path / "slow.pt2")),
+            "bad": (str(tmp_path / "missing.ep.pt2"), str(tmp_path / "bad.pt2"))}
     caught, rescued = _compile_blocked_workers(work, stop=lambda: None)
     assert isinstance(caught, StitchError) and "compiling a segment failed" in str(caught) and not rescued

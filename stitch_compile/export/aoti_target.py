@@ -17,11 +17,12 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 import torch
@@ -173,8 +174,9 @@ def compile_packages(work: dict[str, tuple], jobs: int | None, quiet: bool) -> d
 def _compile_in_workers(work: dict[str, tuple[str, str]], jobs: int, bar) -> dict[str, set[str]]:
     """Compile {arch: (saved program, package path)} in ``jobs`` worker processes at once.
 
-    If anything stops the parent (Ctrl-C, SIGTERM, a failed compile), the running workers are
-    killed at once: a compile takes minutes, and a SIGTERM sent to the parent alone never reaches them.
+    If anything stops the parent (Ctrl-C, SIGTERM, the first compile that fails), the running
+    workers are killed at once, with the C++ compilers they started (each worker leads its own
+    process group): a compile takes minutes, and a SIGTERM sent to the parent alone never reaches them.
     """
     running, lock, stopping = set(), threading.Lock(), threading.Event()
     env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"}  # the pool is the parallelism
@@ -184,7 +186,8 @@ def _compile_in_workers(work: dict[str, tuple[str, str]], jobs: int, bar) -> dic
             if stopping.is_set():
                 raise StitchError("aoti: compile stopped")
             proc = subprocess.Popen([sys.executable, "-m", "stitch_compile.export.aoti_worker", *work[arch]],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                    start_new_session=True)
             running.add(proc)
         try:
             out, err = proc.communicate()
@@ -198,13 +201,16 @@ def _compile_in_workers(work: dict[str, tuple[str, str]], jobs: int, bar) -> dic
         return set(json.loads(out.strip().splitlines()[-1]))
 
     pool = ThreadPoolExecutor(jobs)
+    futures = {pool.submit(compile_in_worker, arch): arch for arch in work}
     try:
-        return dict(zip(work, pool.map(compile_in_worker, work)))
+        done = {futures[f]: f.result() for f in as_completed(futures)}  # the first failure raises at once
+        return {arch: done[arch] for arch in work}
     except BaseException:
         with lock:
             stopping.set()
             for proc in running:
-                proc.kill()
+                if proc.returncode is None:  # not yet reaped: its pid still names its process group
+                    os.killpg(proc.pid, signal.SIGKILL)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
