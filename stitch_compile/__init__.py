@@ -9,6 +9,7 @@ imported, the subpackage of that name, which is callable as the function (see ex
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,13 @@ _LAZY = {  # public name -> module that defines it
     "export": ".export", "StitchableNet": ".model", "StitchConfig": ".model", "StitchSpace": ".model",
     "load": ".model", "save_checkpoint": ".model.checkpoint", "stitch": ".model.lsinit", "Runtime": ".runtime",
 }
+
+if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
+    from .export import export
+    from .model import StitchableNet, StitchConfig, StitchSpace, load
+    from .model.checkpoint import save_checkpoint
+    from .model.lsinit import stitch
+    from .runtime import Runtime
 
 __all__ = ["Runtime", "StitchError", "StitchableNet", "StitchConfig", "StitchSpace", "export", "load", "save_checkpoint", "stitch",
            "__version__"]

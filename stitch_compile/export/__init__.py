@@ -7,6 +7,8 @@ Export never imports the runtime; both share ``bundle`` and ``ortweights``.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import sys
 import time
@@ -239,10 +241,14 @@ def _build_tensorrt(root: str, manifest: dict, options: dict, quiet: bool, repor
 
 class _CallableModule(types.ModuleType):
     """This package, callable as ``export``: ``stitch_compile.export`` is the package itself
-    whenever something imported it (or one of its modules) before the name was first read."""
+    whenever something imported it (or one of its modules) before the name was first read. It
+    calls, shows the signature of and pickles as the function."""
 
-    def __call__(self, *args, **kwargs) -> Bundle:
-        return export(*args, **kwargs)
+    __call__ = staticmethod(export)
+
+    def __reduce__(self):
+        return importlib.import_module, (self.__name__,)
 
 
 sys.modules[__name__].__class__ = _CallableModule
+sys.modules[__name__].__signature__ = inspect.signature(export)

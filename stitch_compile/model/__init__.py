@@ -9,7 +9,9 @@ from ..errors import StitchError
 from .space import StitchConfig, StitchSpace, describe_route, pareto_frontier
 
 if TYPE_CHECKING:
-    from .network import StitchableNet
+    from .checkpoint import read_state_dict
+    from .families import build_network
+    from .network import Segment, StitchableNet
 
 _LAZY = {"read_state_dict": ".checkpoint", "build_network": ".families", "Segment": ".network",
          "StitchableNet": ".network"}  # torch and timm: imported on first use (runtime and select need none)
@@ -19,6 +21,10 @@ def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(_LAZY[name], __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def load(path: str, anchors: list[str] | str | None = None, family: str | None = None) -> StitchableNet:
