@@ -85,8 +85,8 @@ class Bundle:
 
     def check_route(self, config_id: int, io) -> None:
         """Refuse a route whose segments do not fit one another (a tampered manifest); ``io(key)``
-        gives the segment graph's (input shape, output shape), batch first. A dimension that is
-        not an int (unknown to shape inference) fits anything."""
+        gives the segment graph's (input shape, output shape), batch first. What shape inference
+        could not tell fits anything: a dimension that is not an int, a shape of unknown rank (``[]``)."""
         def fits(a: list, b: list) -> bool:
             return len(a) == len(b) and all(x == y or not (type(x) is type(y) is int) for x, y in zip(a, b))
 
@@ -96,11 +96,11 @@ class Bundle:
         gives = self.manifest["input"]["shape"][1:]
         for key in [*self.config(config_id)["route"], None]:
             takes, out = (self.manifest["output"]["shape"], None) if key is None else io(key)
-            if not fits(gives, takes[1:]):
+            if gives is not None and takes and not fits(gives, takes[1:]):
                 where = "the output" if key is None else f"segment {key!r}"
                 raise StitchError(f"{self.root}: config {config_id}: {where} takes [batch, {dims(takes[1:])}] but "
                                   f"gets [batch, {dims(gives)}]; the bundle is tampered")
-            gives = out and out[1:]
+            gives = out[1:] if out else None
 
     def holds(self, path: str) -> bool:
         """Whether ``path`` is one of the bundle's own files: its manifest, a listed file or a LUT."""

@@ -109,12 +109,14 @@ def _bundle_mb(manifest: dict) -> float:
 @anchors_option
 @quiet_option
 def verify(bundle: str, checkpoint: str | None, anchors: str | None, quiet: bool) -> None:
-    """Re-check BUNDLE: schema, sha256 of every file, paths, and parity."""
+    """Re-check BUNDLE: schema, sha256 of every file, paths, routes, latency tables and parity."""
     from .export.verify import verify_bundle
+    from .runtime.lut import check_tables
 
     net = load(checkpoint, anchors=anchors) if checkpoint else None
     for line in verify_bundle(bundle, net, quiet=quiet):
         click.echo(line)
+    click.echo(check_tables(load_bundle(bundle)))
 
 
 @cli.command("stitch")

@@ -462,6 +462,16 @@ def test_a_tampered_lut_is_one_error_line(cli, bundle, tamper, needle):
     one_line_error(*cli("verify", bundle)[::2], needle)  # LUTs are not hashed: verify checks them as select does
 
 
+@pytest.mark.parametrize("device, engine, flags", [
+    ("cpu", "ort1.32", []), ("cpu", "ort1.32-graphs", ["--mode", "graphs"]),
+    ("cpu", "aoti2.14", ["--backend", "aoti"]), ("cuda", "aoti2.14-graphs", ["--backend", "aoti", "--cuda-graphs"])])
+def test_a_tables_bench_options_are_read_back_from_its_key(device, engine, flags):
+    """verify, which has no runtime, names the bench that re-measures a broken table from its key."""
+    from stitch_compile.runtime.device import bench_options, device_key
+    key = device_key(device, "Intel(R) Xeon(R) Platinum 8480C-t7 v2", engine, 12, "fp32")
+    assert bench_options(key) == ["--device", device, "--threads", "12", *flags]
+
+
 def test_suggested_commands_quote_a_bundle_path_for_the_shell(cli, bundle, tmp_path):
     spaced = tmp_path / "my models" / "bündle 1"
     shutil.copytree(bundle, spaced)

@@ -9,7 +9,6 @@ import onnx
 from ..bundle import Bundle, load_bundle, read_json, sha256_file
 from ..errors import StitchError
 from ..model.network import StitchableNet
-from ..runtime.lut import available, read_lut
 from ..hardware import torch_device
 from .aoti_target import build_key, check_aoti
 from .parity import Reference, check_target, tolerance, worst_rel
@@ -30,10 +29,6 @@ def verify_bundle(root: str, net: StitchableNet | None = None, quiet: bool = Tru
     for cid in bundle.configs:
         bundle.check_route(cid, io)
     lines.append(f"routes: the segments of all {len(m['configs'])} configs fit one another")
-    tables = available(bundle)  # not hashed (bench writes them later): checked as select reads them
-    for key in tables:
-        read_lut(bundle, key)
-    lines.append(f"latency tables: {len(tables)} valid{': ' + ', '.join(tables) if tables else ''}")
     ids = {str(c["id"]) for c in m["configs"]}
     for name, target in _parity_targets(m):
         entries = recorded.get("targets", {}).get(name, {})

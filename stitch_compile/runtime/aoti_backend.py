@@ -53,10 +53,6 @@ class AotiBackend(Backend):
     def engine(self) -> str:
         return super().engine + ("-graphs" if self.cuda_graphs else "")
 
-    @property
-    def cli_flags(self) -> str:
-        return " --backend aoti" + (" --cuda-graphs" if self.cuda_graphs else "")
-
     def hardware(self) -> str:
         return hardware_model(self.torch_device)
 

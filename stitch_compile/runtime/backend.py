@@ -43,11 +43,6 @@ class Backend(ABC):
         """Backend, major.minor version and any mode that changes latency: the key's engine part."""
         return self.name + ".".join(self.version.split(".")[:2])
 
-    @property
-    def cli_flags(self) -> str:
-        """Command-line flags that select this backend's variant (for messages that say what to run)."""
-        return ""
-
     @abstractmethod
     def hardware(self) -> str:
         """Slug of the processor or GPU the runners execute on; part of the device key."""

@@ -16,6 +16,7 @@ import jsonschema
 
 from ..bundle import Bundle, read_json, same_export, write_json
 from ..errors import StitchError, command, exact_int
+from .device import bench_options
 
 FORMAT, VERSION = "stitch-compile-lut", 1
 METRICS = ("p50", "p90", "p99")
@@ -133,3 +134,12 @@ def available(bundle: Bundle) -> list[str]:
     if not os.path.isdir(folder):
         return []
     return sorted(n[:-5] for n in os.listdir(folder) if n.endswith(".json") and not n.startswith("."))
+
+
+def check_tables(bundle: Bundle) -> str:
+    """Validate every table of the bundle as ``select`` reads them (they are not hashed: ``bench``
+    writes them after export); one line saying what was checked."""
+    keys = available(bundle)
+    for key in keys:
+        read_lut(bundle, key, command("bench", bundle.root, *bench_options(key)))
+    return f"latency tables: {len(keys)} valid{': ' + ', '.join(keys) if keys else ''}"

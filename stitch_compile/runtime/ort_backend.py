@@ -73,10 +73,6 @@ class OrtBackend(Backend):
     def engine(self) -> str:
         return super().engine + ("-graphs" if self.mode == "graphs" else "")
 
-    @property
-    def cli_flags(self) -> str:
-        return " --mode graphs" if self.mode == "graphs" else ""
-
     def hardware(self) -> str:
         return cpu_model()
 

@@ -19,7 +19,7 @@ import numpy as np
 from ..bundle import Bundle, load_bundle
 from ..errors import StitchError, command, exact_int
 from .backend import Backend, Runner, create_backend, default_backend
-from .device import default_threads, device_key
+from .device import bench_options, default_threads, device_key
 from .lut import Lut, available, read_lut
 from .select import Choice, Selector
 
@@ -90,8 +90,7 @@ class Runtime:
 
     def _bench_command(self) -> str:
         """The command that measures this runtime's table."""
-        return command("bench", self.bundle.root, "--device", self.backend.device, "--threads", self.threads,
-                       *self.backend.cli_flags.split())
+        return command("bench", self.bundle.root, *bench_options(self.device_key))
 
     def _other_threads(self) -> str:
         """The usual miss is a table of this machine measured with another thread count (the demo
