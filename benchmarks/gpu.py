@@ -54,7 +54,11 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def gpu_memory(device) -> tuple[int, int]:
     """(bytes torch's allocator holds, bytes in use on the whole device): the second also counts
-    what AOTInductor allocates outside torch's allocator, and code and context memory."""
+    what AOTInductor allocates outside torch's allocator, and code and context memory. Unreferenced
+    blocks are collected and the allocator's cache emptied first, so that neither counts."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     return torch.cuda.memory_allocated(device), total - free
 
@@ -131,13 +135,13 @@ def main() -> int:
                       f"max {max(ratios):.2f} over {len(rows)} configs; worst rel err "
                       f"{max(r['rel_err'] for r in rows):.1e}", flush=True)
                 table.extend(rows)
+                del x, runner  # no input of this batch in the next reading
         except Exception as e:  # report the mode that cannot run here; what was measured stays
             print(f"{mode}: failed, stopped: {str(e).splitlines()[0][:200]}", flush=True)
             break
         if cuda:  # what running added: activations, and in graphs mode the captured graphs and their inputs
             resident[mode]["after_runs"] = report_memory(f"{mode}: after every batch", device, before, unique)
-        del rt, runner  # the next mode's baseline holds none of this one
-        gc.collect()
+        del rt  # the next mode's baseline holds none of this one
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"device": what, "torch": torch.__version__, "runs": args.runs, "unique_weight_bytes": unique,
