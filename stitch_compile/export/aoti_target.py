@@ -201,8 +201,8 @@ def _compile_in_workers(work: dict[str, tuple[str, str]], jobs: int, bar) -> dic
         return set(json.loads(out.strip().splitlines()[-1]))
 
     pool = ThreadPoolExecutor(jobs)
-    futures = {pool.submit(compile_in_worker, arch): arch for arch in work}
     try:
+        futures = {pool.submit(compile_in_worker, arch): arch for arch in work}
         done = {futures[f]: f.result() for f in as_completed(futures)}  # the first failure raises at once
         return {arch: done[arch] for arch in work}
     except BaseException:
