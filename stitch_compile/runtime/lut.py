@@ -72,10 +72,14 @@ class Lut:
         return {int(cid): (e[f"{metric}_ms"], e["predicted"]) for cid, e in rows.items()}
 
 
-def validate(data, bundle: Bundle, path: str, device_key: str, bench: str | None = None) -> Lut:
-    """Check a LUT object against the schema and the bundle; return it as a Lut. ``bench``: the
-    command that measures this table (by default, plain ``bench`` of the bundle)."""
-    fix = f"re-run `{bench or command('bench', bundle.root)}`"
+def bench_command(bundle: Bundle, device_key: str) -> str:
+    """The command that measures the table of ``device_key``, for messages that say to run it."""
+    return command("bench", bundle.root, *bench_options(device_key))
+
+
+def validate(data, bundle: Bundle, path: str, device_key: str) -> Lut:
+    """Check a LUT object against the schema and the bundle; return it as a Lut."""
+    fix = f"re-run `{bench_command(bundle, device_key)}`"
     try:
         jsonschema.validate(data, _SCHEMA)
     except jsonschema.ValidationError as exc:
@@ -97,11 +101,11 @@ def validate(data, bundle: Bundle, path: str, device_key: str, bench: str | None
     return Lut(path, data)
 
 
-def read_lut(bundle: Bundle, device_key: str, bench: str | None = None, alternative: str = "") -> Lut:
-    """The validated LUT of ``device_key``. Errors say to run ``bench`` (the command that measures
-    this table; by default, plain ``bench`` of the bundle), a missing table also ``alternative``."""
+def read_lut(bundle: Bundle, device_key: str, alternative: str = "") -> Lut:
+    """The validated LUT of ``device_key``. Errors say which bench command measures this table; a
+    missing one also says ``alternative``."""
     path = bundle.lut_path(device_key)
-    bench = bench or command("bench", bundle.root)
+    bench = bench_command(bundle, device_key)
     if not os.path.isfile(path):
         have = available(bundle)
         raise StitchError(f"{bundle.root}: no latency table for device {device_key} "
@@ -113,7 +117,7 @@ def read_lut(bundle: Bundle, device_key: str, bench: str | None = None, alternat
         raise StitchError(f"{path}: corrupt latency table ({exc}); re-run `{bench}`") from None
     except OSError as e:  # unreadable: permissions, a folder under that name
         raise StitchError(f"{path}: cannot read the latency table ({e.strerror or e})") from None
-    return validate(data, bundle, path, device_key, bench)
+    return validate(data, bundle, path, device_key)
 
 
 def write_lut(bundle: Bundle, data: dict) -> Lut:
@@ -141,5 +145,5 @@ def check_tables(bundle: Bundle) -> str:
     writes them after export); one line saying what was checked."""
     keys = available(bundle)
     for key in keys:
-        read_lut(bundle, key, command("bench", bundle.root, *bench_options(key)))
+        read_lut(bundle, key)
     return f"latency tables: {len(keys)} valid{': ' + ', '.join(keys) if keys else ''}"

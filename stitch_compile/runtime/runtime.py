@@ -17,9 +17,9 @@ import threading
 import numpy as np
 
 from ..bundle import Bundle, load_bundle
-from ..errors import StitchError, command, exact_int
+from ..errors import StitchError, exact_int
 from .backend import Backend, Runner, create_backend, default_backend
-from .device import bench_options, default_threads, device_key
+from .device import default_threads, device_key
 from .lut import Lut, available, read_lut
 from .select import Choice, Selector
 
@@ -79,7 +79,7 @@ class Runtime:
     def lut(self) -> Lut:
         """This device's latency table (read and validated once)."""
         if self._lut is None:
-            self._lut = read_lut(self.bundle, self.device_key, self._bench_command(), self._other_threads())
+            self._lut = read_lut(self.bundle, self.device_key, self._other_threads())
         return self._lut
 
     @lut.setter
@@ -87,10 +87,6 @@ class Runtime:
         """Select from ``lut`` from now on (``bench`` hands over the table it has just written)."""
         with self._lock:
             self._lut, self._selectors = lut, {}
-
-    def _bench_command(self) -> str:
-        """The command that measures this runtime's table."""
-        return command("bench", self.bundle.root, *bench_options(self.device_key))
 
     def _other_threads(self) -> str:
         """The usual miss is a table of this machine measured with another thread count (the demo
